@@ -277,7 +277,7 @@ class GPTConfig:
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
-    pos: str = "learned"         # none (NoPE) | learned | alibi | hard_alibi | rope
+    pos: str = "learned"         # none (= nope, NoPE) | learned | alibi | hard_alibi | rope
     hard_windows: tuple = ()     # hard_alibi: window (in tokens, self included) per head, 0 = NoPE head;
                                  # empty -> first n_head//2 heads get windows 1..n_head//2
     mlp_ratio: int = 4
@@ -286,8 +286,14 @@ class GPTConfig:
     dropout: float = 0.0
     tie_weights: bool = True
     rope_base: float = 10000.0
+    init: str = "gpt2"           # gpt2: N(0, 0.02) weights (nanoGPT); fan_in: PyTorch's default
+                                 # U(+-1/sqrt(fan_in)) for Linear layers -- larger, and far faster to
+                                 # train for narrow models (copying at d=128: see copying.py)
 
     def __post_init__(self):
+        self.pos = "none" if self.pos == "nope" else self.pos  # NoPE is spelled either way
+        if self.init not in ("gpt2", "fan_in"):
+            raise ValueError(f"unknown init '{self.init}'")
         if self.pos not in ("none", "learned", "alibi", "hard_alibi", "rope"):
             raise ValueError(f"unknown positional scheme '{self.pos}'")
         if self.n_embd % self.n_head:
@@ -407,20 +413,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.Linear) and cfg.init == "gpt2":
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if cfg.init == "gpt2":
+            for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+                if name.endswith("proj.weight"):
+                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
         self._bias_cache = {}
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, 0.02)
 
     def new_cache(self):
         return [dict() for _ in self.blocks]
@@ -581,7 +585,7 @@ def train(model, get_batch, *, steps, lr, device, warmup=100, schedule="cosine",
     loss_fn = loss_fn or _default_loss
     hist = {"step": [], "loss": [], "lr": [], "eval": []}
     t0 = time.time()
-    bar = tqdm(range(start, steps), desc=desc, disable=quiet or rank != 0, mininterval=2, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), desc=desc, disable=True if (quiet or rank != 0) else None, mininterval=2, dynamic_ncols=True)
     ema = None
     for step in bar:
         cur_lr = lr_at(step, steps, lr, warmup, schedule, min_lr_frac)
@@ -615,9 +619,12 @@ def train(model, get_batch, *, steps, lr, device, warmup=100, schedule="cosine",
                 if not quiet:
                     bar.write(f"{desc} step {step + 1}/{steps} | loss {hist['loss'][-1]:.4f} | "
                               + " | ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, (int, float))))
-            if world > 1:
-                torch.distributed.barrier()
-            if res_stop(hist):
+            stop = rank == 0 and res_stop(hist)
+            if world > 1:  # every rank must leave the loop together
+                flag = torch.tensor([int(stop)], device=device)
+                torch.distributed.broadcast(flag, 0)
+                stop = bool(flag.item())
+            if stop:
                 break
         if save_path and rank == 0 and (last or (eval_every and (step + 1) % eval_every == 0)):
             save_checkpoint(save_path, raw, opt, step + 1, cfg)

@@ -1,14 +1,30 @@
+"""The nanopapers test suite: every script's smoke run plus properties that fail when the code is wrong.
+
+Run: python -m pytest -q   (add -m "not slow" to skip the torchrun / longer runs)
+"""
 import math
 import os
 import shutil
 import subprocess
 import sys
-
 import pytest
 import torch
-
 import common
 import copying
+import torch.nn.functional as F
+import icl_markov
+import collections
+import moe
+import random
+import turing_programs as tp
+import shampoo
+import numpy as np
+import trail
+
+
+# ======================================================================
+# copying.py
+# ======================================================================
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -352,3 +368,1142 @@ def test_torchrun_two_processes_smoke(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "copying.json").exists()
+
+
+# ======================================================================
+# icl_markov.py
+# ======================================================================
+
+def test_icl_markov_smoke(tmp_path):
+    cfg = common.config_from_preset(icl_markov.Config, icl_markov.PRESETS, "smoke", out=str(tmp_path), device="cpu")
+    m = icl_markov.run(cfg)
+    for key in ("kl_true_model_final", "kl_bigram_model_final", "kl_unigram_model_final", "kl_true_bigram",
+                "kl_true_unigram", "transition_iter", "prev_token_attn_final", "transition_iter/dirichlet",
+                "transition_iter/doubly"):
+        assert key in m, key
+    for key in ("kl_true_model_final", "kl_bigram_model_final", "kl_unigram_model_final", "prev_token_attn_final"):
+        assert math.isfinite(m[key]), key
+    # the references are ordered, and 60 steps already beat the uniform predictor by a wide margin
+    assert m["kl_true_bigram"] < m["kl_true_unigram"] < m["kl_true_uniform"]
+    assert m["kl_true_model_final"] < 0.7 * m["kl_true_uniform"]
+    assert m["n_params"] == 3264  # T=32: the relative table shrinks with block_size
+    assert (tmp_path / "icl_markov.json").exists()
+
+
+def test_icl_markov_bad_config():
+    with pytest.raises(ValueError):
+        icl_markov.Config(k=1)
+    with pytest.raises(ValueError):
+        icl_markov.Config(prior="zipf")
+    with pytest.raises(ValueError):
+        icl_markov.Config(mix_p=1.5)
+
+
+@pytest.mark.parametrize("prior", ["dirichlet", "doubly", "unigram", "mix"])
+def test_icl_markov_sampler_rows_and_stationary(prior):
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3):
+        P = icl_markov.sample_transition_matrices(512, k, 2, prior, g, mix_p=0.5)
+        assert P.shape == (512, k, k)
+        assert (P >= 0).all()
+        assert torch.allclose(P.sum(-1), torch.ones(512, k), atol=1e-5)
+        if prior == "doubly":
+            assert torch.allclose(P.sum(-2), torch.ones(512, k), atol=1e-5)
+        pi = icl_markov.stationary(P)
+        assert torch.allclose(torch.einsum("bs,bst->bt", pi, P), pi, atol=1e-5)   # pi P = pi
+        assert torch.allclose(pi.sum(-1), torch.ones(512), atol=1e-5)
+    P3 = icl_markov.sample_transition_matrices(256, 2, 3, "dirichlet", g)
+    L = icl_markov.lifted_chain(P3)
+    pi3 = icl_markov.stationary(L)
+    assert torch.allclose(torch.einsum("bs,bst->bt", pi3, L), pi3, atol=1e-5)
+
+
+def test_icl_markov_empirical_frequencies():
+    g = torch.Generator().manual_seed(1)
+    k = 2
+    # n = 2: state frequencies of long chains match pi(P)
+    P = icl_markov.sample_transition_matrices(1, k, 2, "dirichlet", g).expand(8, k, k).contiguous()
+    x = icl_markov.sample_chains(P, 10_000, g)
+    freq = F.one_hot(x, k).float().mean((0, 1))
+    assert torch.allclose(freq, icl_markov.stationary(P[:1])[0], atol=0.02)
+    # n = 3: empirical next-token law after each 2-token context matches P[ctx] (80k transitions)
+    P3 = torch.tensor([[[0.7, 0.3], [0.2, 0.8], [0.5, 0.5], [0.35, 0.65]]]).expand(8, k * k, k).contiguous()
+    x = icl_markov.sample_chains(P3, 10_000, g)
+    ctx = x[:, :-2] + k * x[:, 1:-1]          # little-endian: oldest token is the k^0 digit
+    nxt = x[:, 2:]
+    for c in range(k * k):
+        sel = nxt[ctx == c]
+        assert len(sel) > 1000
+        emp = F.one_hot(sel, k).float().mean(0)
+        assert torch.allclose(emp, P3[0, c], atol=0.02), (c, emp, P3[0, c])
+
+
+def test_icl_markov_strategy_hand_examples():
+    x = torch.tensor([[0, 1, 0, 1, 0]])
+    assert torch.allclose(icl_markov.ngram_strategy(x, 2, 2), torch.tensor([[0.25, 0.75]]))   # 0->1 twice
+    assert torch.allclose(icl_markov.ngram_strategy(x, 2, 1), torch.tensor([[4 / 7, 3 / 7]]))  # (3+1, 2+1)/(5+2)
+    assert torch.allclose(icl_markov.ngram_strategy(x, 2, 0), torch.tensor([[0.5, 0.5]]))
+    # trigram: context (1, 0) was followed by 1 once -> (0+1, 1+1)/(1+2)
+    assert torch.allclose(icl_markov.ngram_strategy(x, 2, 3), torch.tensor([[1 / 3, 2 / 3]]))
+    x = torch.tensor([[2, 2, 1, 2, 0, 2]])
+    assert torch.allclose(icl_markov.ngram_strategy(x, 3, 2), torch.tensor([[2 / 6, 2 / 6, 2 / 6]]))
+    # context index: last n-1 tokens, oldest is the k^0 digit
+    assert icl_markov.context_index(torch.tensor([[0, 1, 1, 0]]), 2, 3).item() == 1
+
+
+def test_icl_markov_reference_kl_values():
+    cfg = icl_markov.Config(k=2, T=100, n_test=4096)
+    ref = icl_markov.make_test_set(cfg, 2, seed=123)["kl_true_strategy"]
+    for got, want in zip(ref, (0.213, 0.087, 0.0093)):   # spec's prototype values, 20k chains
+        assert abs(got - want) < 0.15 * want, (got, want)
+    assert ref[2] < ref[1] < ref[0]
+
+
+def test_icl_markov_bayes_bigram_has_lowest_cross_entropy():
+    g = torch.Generator().manual_seed(2)
+    k, T = 2, 12                               # short context: smoothing matters most
+    x, P = icl_markov.sample_icl_mc(20_000, T, k, 2, "dirichlet", g)
+    inp = x[:, :-1]
+    p_true = P[torch.arange(len(P)), inp[:, -1]]
+
+    def ce(s):                                 # E over chains and the next token of -log s(next)
+        return -(p_true * s.log()).sum(-1).mean().item()
+
+    best = ce(icl_markov.ngram_strategy(inp, k, 2, alpha=1.0))
+    for other in (icl_markov.ngram_strategy(inp, k, 0), icl_markov.ngram_strategy(inp, k, 1),
+                  icl_markov.ngram_strategy(inp, k, 2, alpha=0.5), icl_markov.ngram_strategy(inp, k, 2, alpha=2.0)):
+        assert best < ce(other)
+
+
+def test_icl_markov_causality():
+    torch.manual_seed(0)
+    T = 20
+    models = [icl_markov.AttnOnlyTransformer(3, T, d=16, n_layer=2, heads_first_layer=2, dropout=0.0),
+              icl_markov.MinimalModel(3, T)]
+    with torch.no_grad():
+        models[1].v.copy_(torch.randn(T))
+        models[1].W.copy_(torch.randn(3, 3))
+    x = torch.randint(0, 3, (4, T))
+    for model in models:
+        model.eval()
+        base = model(x)[0]
+        for t in (0, 7, 18):
+            y = x.clone()
+            y[:, t + 1:] = torch.randint(0, 3, (4, T - t - 1))
+            out = model(y)[0]
+            assert torch.allclose(base[:, :t + 1], out[:, :t + 1], atol=1e-6), (type(model).__name__, t)
+            if t < 15:
+                assert not torch.allclose(base[:, t + 1:], out[:, t + 1:])
+
+
+def test_icl_markov_hand_set_minimal_model_counts_bigrams():
+    torch.manual_seed(1)
+    k, T, c = 3, 30, 0.7
+    mm = icl_markov.MinimalModel(k, T)
+    with torch.no_grad():
+        mm.v.fill_(-30.0)
+        mm.v[1] = 30.0
+        mm.W.copy_(c * torch.eye(k))
+    x = torch.randint(0, k, (8, T))
+    e = F.one_hot(x, k).float()
+    h, _ = mm.layer1(e)
+    assert torch.allclose(h[:, 1:], e[:, :-1], atol=1e-4)          # h_j = e_{x_{j-1}}
+    assert torch.allclose(h[:, 0], e[:, 0], atol=1e-6)             # position 0 only sees itself
+    logits = mm(x)[0]
+    want = torch.zeros(8, T, k)
+    for b in range(8):
+        for t in range(T):
+            for j in range(1, t + 1):
+                if x[b, j - 1] == x[b, t]:
+                    want[b, t, x[b, j]] += c
+            if x[b, 0] == x[b, t]:
+                want[b, t, x[b, 0]] += c
+    assert torch.allclose(logits, want, atol=1e-4)
+    counts = want / c
+    top2 = counts.topk(2, -1).values
+    clear = top2[..., 0] > top2[..., 1]
+    assert (logits.argmax(-1)[clear] == counts.argmax(-1)[clear]).all()
+
+
+def test_icl_markov_relative_attention_without_r_is_causal_sdpa():
+    torch.manual_seed(2)
+    B, T, d, H = 3, 17, 16, 2
+    layer = icl_markov.RelAttention(d, H, block_size=32, dropout=0.0).eval()
+    with torch.no_grad():
+        layer.rel.weight.zero_()
+    x = torch.randn(B, T, d)
+    out, _ = layer(x)
+    h = layer.ln(x)
+    q, k, v = (m(h).view(B, T, H, d // H).transpose(1, 2) for m in (layer.Q, layer.K, layer.V))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
+    assert torch.allclose(out, x + layer.c_proj(y), atol=1e-5)
+
+
+def test_icl_markov_param_count():
+    model = icl_markov.AttnOnlyTransformer(k=2, block_size=100, d=16, n_layer=2, heads_first_layer=1)
+    assert common.count_params(model) == 5440   # the official run prints 5440
+
+
+# ======================================================================
+# moe.py
+# ======================================================================
+
+def test_moe_smoke(tmp_path):
+    cfg = common.config_from_preset(moe.Config, moe.PRESETS, "smoke", out=str(tmp_path), device="cpu")
+    m = moe.run(cfg)
+    for name in ("dense_d16", "moe_e4_k2"):
+        assert 0.0 <= m[f"phonebook_acc/{name}"] <= 1.0
+        assert m[f"params_total/{name}"] >= m[f"params_active/{name}"] > 0
+    assert 0.0 <= m["graph_acc/dense_d16"] <= 1.0
+    assert m["params_total/moe_e4_k2"] > m["params_active/moe_e4_k2"]
+    assert m["params_total/dense_d16"] == m["params_active/dense_d16"]
+    # 50 entries x 3 digits: chance recall is 1e-3; a working loop memorizes a good share in 150 steps
+    assert m["phonebook_acc/dense_d16"] > 0.1 and m["phonebook_acc/moe_e4_k2"] > 0.1
+    # answer-token loss starts at ~ln(vocab) = ln(13); a working loop is well below it after 30 steps
+    assert m["graph_loss/dense_d16"] < 2.35 < math.log(len(moe.graph_vocab(6)))
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+    assert (tmp_path / "moe.json").exists()
+
+
+def _moe(d=8, hid=16, E=4, k=2, **kw):
+    torch.manual_seed(0)
+    layer = moe.MoE(d, hid, E, k, **kw)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    return layer
+
+
+def test_moe_router_probs_and_topk():
+    layer = _moe(E=8, k=2)
+    x = torch.randn(50, 8)
+    _, probs, w, idx = layer.route(x)
+    assert torch.allclose(probs.sum(-1), torch.ones(50), atol=1e-6)
+    assert torch.allclose(w.sum(-1), torch.ones(50), atol=1e-6)            # renormalised top-k gates
+    assert idx.shape == (50, 2) and (idx[:, 0] != idx[:, 1]).all()          # exactly k distinct experts
+    layer(x[None])
+    assert int(layer.load.sum()) == 50 * 2                                  # every token counted k times
+
+
+def test_moe_e1_equals_dense_mlp():
+    d, hid = 8, 32
+    gcfg = common.GPTConfig(vocab_size=10, n_embd=d, mlp_ratio=hid // d, n_head=2)
+    dense = common.MLP(gcfg)
+    layer = moe.MoE(d, hid, n_experts=1, k=1)
+    layer.experts[0].fc.weight.data.copy_(dense.fc.weight.data)
+    layer.experts[0].proj.weight.data.copy_(dense.proj.weight.data)
+    x = torch.randn(3, 5, d)
+    assert torch.allclose(layer(x), dense(x), atol=1e-6)
+    assert torch.allclose(layer(x), layer.experts[0](x), atol=1e-6)
+
+
+def _reference(layer, x):
+    """Per-token loop: y_t = sum over its top-k experts of gate * expert(x_t)."""
+    _, _, w, idx = layer.route(x)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(layer.k):
+            out[t] += w[t, j] * layer.experts[int(idx[t, j])](x[t])
+    return out
+
+
+@pytest.mark.parametrize("E,k", [(2, 1), (4, 2), (8, 1), (8, 2)])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_moe_dispatch_equals_token_loop(E, k, dispatch, act):
+    layer = _moe(E=E, k=k, dispatch=dispatch, act=act)
+    x = torch.randn(2, 9, 8)
+    assert torch.allclose(layer(x).reshape(-1, 8), _reference(layer, x.reshape(-1, 8)), atol=1e-5)
+
+
+def test_moe_soft_when_k_equals_E_and_permutation_equivariant():
+    layer = _moe(E=4, k=4)
+    x = torch.randn(20, 8)
+    probs = torch.softmax(x @ layer.router.weight.T, -1)
+    soft = sum(probs[:, e:e + 1] * layer.experts[e](x) for e in range(4))
+    assert torch.allclose(layer(x), soft, atol=1e-5)
+    layer2 = _moe(E=4, k=2)
+    y = layer2(x)
+    perm = torch.tensor([2, 0, 3, 1])
+    layer2.router.weight.data = layer2.router.weight.data[perm]
+    layer2.experts = torch.nn.ModuleList([layer2.experts[int(i)] for i in perm])
+    assert torch.allclose(layer2(x), y, atol=1e-5)
+
+
+def test_moe_load_balancing_loss_values_and_router_gradient():
+    layer = _moe(E=8, k=2)
+    torch.nn.init.zeros_(layer.router.weight)                               # uniform router
+    layer(torch.randn(64, 8))
+    assert abs(float(layer.aux.detach()) - 1.0) < 1e-6                               # the minimum, whatever the top-k picks
+    layer = _moe(E=8, k=1, renorm=False)
+    layer.router.weight.data.zero_()
+    layer.router.weight.data[0] = 50.0                                      # every token -> expert 0
+    layer(torch.ones(64, 8))
+    assert abs(float(layer.aux.detach()) - 8.0) < 1e-3                               # total collapse: aux = E
+    layer = _moe(E=8, k=2)
+    layer(torch.randn(64, 8)).pow(2).sum().backward()                       # task loss only, k < E
+    assert layer.router.weight.grad.abs().sum() > 0                         # gates carry gradient to the router
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+def test_moe_capacity(dispatch):
+    layer = _moe(E=4, k=2, capacity_factor=0.5, dispatch=dispatch)
+    x = torch.randn(40, 8)
+    y = layer(x)
+    ref = _moe(E=4, k=2, capacity_factor=0.5, dispatch="loop")  # same weights (same seed)
+    assert torch.allclose(y, ref(x), atol=1e-5)
+    cap = math.ceil(0.5 * 2 * 40 / 4)
+    _, _, _, idx = layer.route(x)
+    kept = torch.bincount(idx.reshape(-1), minlength=4).clamp(max=cap)
+    assert int(kept.max()) <= cap and layer.dropped == 80 - int(kept.sum()) > 0
+    big = _moe(E=4, k=2, capacity_factor=1e6, dispatch=dispatch)
+    free = _moe(E=4, k=2)
+    assert torch.allclose(big(x), free(x), atol=1e-6)
+
+
+def test_moe_param_counts_by_hand():
+    cfg = moe.Config()
+    V, T, d, L = 20, 8, 16, 2
+    dense = moe.build_model(V, T, d, L, 4, 4, cfg, 0)
+    m4 = moe.build_model(V, T, d, L, 4, 4, cfg, 4)
+    m16 = moe.build_model(V, T, d, L, 4, 4, cfg, 16)
+    emb = 2 * V * d + T * d + d                                              # wte, lm_head, wpe, ln_f
+    per_layer = 2 * d + 4 * d * d                                           # ln1, ln2, attention
+    assert moe.param_counts(dense) == (emb + L * (per_layer + 8 * d * d),) * 2
+    hid = 4 * d // 2
+    expert = 2 * d * hid
+    total4 = emb + L * (per_layer + 4 * d + 4 * expert)
+    assert moe.param_counts(m4) == (total4, total4 - L * 2 * expert) == (11216, 7120)
+    t16, a16 = moe.param_counts(m16)
+    assert a16 - moe.param_counts(dense)[1] == L * 16 * d                   # only the router differs
+    assert a16 - L * 16 * d == moe.param_counts(m4)[1] - L * 4 * d          # active constant in E
+    assert t16 - a16 == L * (16 - 2) * expert
+
+
+def _bfs(adj, s):
+    dist = {s: 0}
+    q = collections.deque([s])
+    while q:
+        u = q.popleft()
+        for v in adj[u]:
+            if v not in dist:
+                dist[v] = dist[u] + 1
+                q.append(v)
+    return dist
+
+
+def test_moe_graph_answers_checked_by_bfs():
+    n, m = 8, 10
+    data = moe.make_graph_task(200, n, m, "path", torch.Generator().manual_seed(3))
+    tok = moe.graph_vocab(n)
+    P = data["prompt_len"]
+    for i in range(200):
+        seq = data["seqs"][i].tolist()
+        assert seq[0] == tok["<bos>"] and seq[2 * m + 1] == tok["|"] and seq[P - 1] == tok[":"]
+        edges = [(seq[1 + 2 * j] - tok["v0"], seq[2 + 2 * j] - tok["v0"]) for j in range(m)]
+        assert len({frozenset(e) for e in edges}) == m
+        adj = {v: set() for v in range(n)}
+        for u, v in edges:
+            adj[u].add(v), adj[v].add(u)
+        s, t = seq[2 * m + 2] - tok["v0"], seq[2 * m + 3] - tok["v0"]
+        dist = _bfs(adj, s)
+        assert t in dist and dist[t] >= 2 and dist[t] == int(data["dist"][i])
+        path = [x - tok["v0"] for x in seq[P:P + dist[t] + 1]]
+        assert path[0] == s and path[-1] == t and seq[P + dist[t] + 1] == tok["<eos>"]
+        assert all(b in adj[a] for a, b in zip(path, path[1:]))
+    ok = moe.check_paths(data["seqs"][:, P:], data["A"], data["s"], data["t"], data["dist"], tok["v0"], tok["<eos>"])
+    assert ok.all()
+    two = moe.make_graph_task(300, n, m, "2hop", torch.Generator().manual_seed(4))
+    ans = two["seqs"][:, two["prompt_len"]]
+    for i in range(300):
+        s, t, A = int(two["s"][i]), int(two["t"][i]), two["A"][i]
+        has = any(A[s, w] and A[w, t] for w in range(n))
+        assert s != t and int(ans[i]) == tok["yes" if has else "no"]
+    assert 0.35 < float((ans == tok["yes"]).float().mean()) < 0.65
+
+
+def test_moe_path_checker_accepts_any_shortest_path():
+    # square 0-1-3, 0-2-3 plus tail 3-4: two shortest paths 0 -> 3
+    n = 5
+    A = torch.zeros(1, n, n, dtype=torch.bool)
+    for u, v in [(0, 1), (1, 3), (0, 2), (2, 3), (3, 4)]:
+        A[0, u, v] = A[0, v, u] = True
+    tok = moe.graph_vocab(n)
+    v0, eos = tok["v0"], tok["<eos>"]
+    check = lambda p: bool(moe.check_paths(torch.tensor([p]), A, torch.tensor([0]), torch.tensor([3]),
+                                           torch.tensor([2]), v0, eos)[0])
+    assert check([v0 + 0, v0 + 1, v0 + 3, eos, 0])
+    assert check([v0 + 0, v0 + 2, v0 + 3, eos, 0])                           # the other tie is fine
+    assert not check([v0 + 0, v0 + 4, v0 + 3, eos, 0])                       # 0-4 is not an edge
+    assert not check([v0 + 0, v0 + 1, v0 + 3, v0 + 4, eos])                  # no <eos> after t
+    target = moe.shortest_path_targets(A, moe.all_pairs_dist(A), torch.tensor([0]), torch.tensor([3]), 4)
+    assert target.tolist() == [[0, 1, 3, -1]]                                # smallest-index tie-break
+
+
+def test_moe_phonebook_and_heldout_graphs():
+    seqs = moe.make_phonebook(500, 4, 30, 30, torch.Generator().manual_seed(0))
+    assert len({(a, b) for a, b in seqs[:, 1:3].tolist()}) == 500            # unique names
+
+    class Oracle(torch.nn.Module):                                           # lookup table "model"
+        def generate(self, prefix, n_new, greedy=True):
+            table = {tuple(r[:4]): r for r in seqs.tolist()}
+            return torch.tensor([table[tuple(p)] for p in prefix.tolist()])
+
+        def forward(self, x, y):
+            return None, torch.zeros(())
+    assert moe.eval_phonebook(Oracle(), seqs, "cpu", 128)["acc"] == 1.0
+    gen = torch.Generator().manual_seed(0)
+    train = moe.make_graph_task(3000, 5, 4, "2hop", gen)
+    test = moe.make_graph_task(300, 5, 4, "2hop", torch.Generator().manual_seed(1))
+    dup = torch.isin(moe.graph_hash(test["A"]), moe.graph_hash(train["A"]))
+    assert dup.any()                                   # tiny graphs repeat, so the hash check has work to do
+    same = (test["A"][:, None] == train["A"][None]).flatten(2).all(-1).any(1)
+    assert torch.equal(dup, same)
+
+
+def test_moe_bad_config():
+    with pytest.raises(ValueError):
+        moe.Config(pb_experts=(1,), top_k=2)
+    with pytest.raises(ValueError):
+        moe.Config(graph_edges=1000)
+    with pytest.raises(ValueError):
+        moe.Config(graph_task="maze")
+
+
+# ======================================================================
+# turing_programs.py
+# ======================================================================
+
+def _digits(gen, count, n):
+    return torch.randint(0, 10, (count, n), generator=gen)
+
+
+def _value(row):
+    return int("".join(str(int(d)) for d in row))
+
+
+def _lines(tokens):
+    """Trace token ids -> list of lines (lists of token strings); lines[0] is the prompt."""
+    toks = [tp.VOCAB[t] for t in tokens if tp.VOCAB[t] not in ("<bos>", "<pad>")]
+    out, cur = [], []
+    for t in toks:
+        if t in ("|", "<eos>"):
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return out
+
+
+def test_turing_programs_addition_answers():
+    gen = torch.Generator().manual_seed(0)
+    for n, count in [*((n, 300) for n in range(1, 12)), (20, 50), (50, 20)]:
+        a, b = _digits(gen, count, n), _digits(gen, count, n)
+        s = tp.addition(a, b)
+        for i in range(count):
+            assert int(tp.parse_answer(s.tok[i].tolist())) == _value(a[i]) + _value(b[i])
+        for fmt in ("plain", "none"):  # the baselines end in the same answer
+            s2 = tp.addition(a[:20], b[:20], fmt)
+            for i in range(20):
+                assert int(tp.parse_answer(s2.tok[i].tolist())) == _value(a[i]) + _value(b[i])
+
+
+def test_turing_programs_addition_steps_are_local_edits():
+    gen = torch.Generator().manual_seed(1)
+    letter = {chr(ord("a") + d): str(d) for d in range(10)}
+    for n in (1, 4, 9):
+        a, b = _digits(gen, 30, n), _digits(gen, 30, n)
+        s = tp.addition(a, b)
+        for i in range(30):
+            lines = _lines(s.tok[i].tolist())[1:]
+            assert len(lines) == n + 1
+            prev = None
+            for k, line in enumerate(lines):
+                assert len(line) == 2 * n + 3 + k                     # step k: 2n+3+k tokens (+ SEP)
+                ops = line[:2 * n + 1]
+                unmarked = [letter.get(t, t) for t in ops]
+                assert unmarked == [str(int(d)) for d in a[i]] + ["+"] + [str(int(d)) for d in b[i]]
+                marks = [j for j, t in enumerate(ops) if t in letter]
+                assert marks == ([n - 1 - k, 2 * n - k] if k < n else [])  # heads at column n-1-k
+                out = line[2 * n + 3:]
+                if prev is not None:
+                    changed = sum(x != y for x, y in zip(prev[:2 * n + 1], ops))
+                    assert changed <= 4
+                    assert out[len(out) - len(prev[2 * n + 3:]):] == prev[2 * n + 3:]  # old output is a suffix
+                    assert len(out) == len(prev[2 * n + 3:]) + 1
+                prev = line
+
+
+def test_turing_programs_multiplication_answers():
+    gen = torch.Generator().manual_seed(2)
+    for n in range(1, 12):
+        a, d = _digits(gen, 200, n), _digits(gen, 200, 1)
+        s = tp.mul1(a, d)
+        for i in range(200):
+            assert int(tp.parse_answer(s.tok[i].tolist())) == _value(a[i]) * int(d[i, 0])
+        for m in (1, 2, 3):
+            a, b = _digits(gen, 60, n), _digits(gen, 60, m)
+            s = tp.mulm(a, b)
+            assert len(_lines(s.tok[0].tolist())) == m * (n + 1) + 2  # prompt + m(n+1)+1 lines
+            for i in range(60):
+                assert int(tp.parse_answer(s.tok[i].tolist())) == _value(a[i]) * _value(b[i])
+    a, b = _digits(gen, 10, 40), _digits(gen, 10, 3)
+    s = tp.mulm(a, b)
+    for i in range(10):
+        assert int(tp.parse_answer(s.tok[i].tolist())) == _value(a[i]) * _value(b[i])
+
+
+def test_turing_programs_tm_binary_increment():
+    # LSB-first binary increment; symbols: 0 blank, 1 = bit 0, 2 = bit 1. State 0: carry, 1: done.
+    tm = tp.TM([[(1, 2, 1), (1, 2, 1), (0, 1, 1)],
+                [(1, 0, 1), (1, 1, 1), (1, 2, 1)]])
+    rng = random.Random(0)
+    xs = [rng.randrange(2 ** 12) for _ in range(300)]
+    tapes = torch.tensor([[1 + ((x >> i) & 1) for i in range(12)] for x in xs])
+    _, _, tape, _ = tm.run_batch(tapes, 13)
+    for x, row in zip(xs, tape[:, -1].tolist()):
+        assert sum((s - 1) << i for i, s in enumerate(row) if s) == x + 1
+        ref = tm.run([1 + ((x >> i) & 1) for i in range(12)], 13)[-1][2]  # the reference simulator agrees
+        assert ref == row[:len(ref)] and not any(row[len(ref):])
+
+
+def test_turing_programs_random_tm_trace_is_the_machine_run():
+    for syms, seed in ((3, 12345), (8, 12345), (5, 7)):
+        tm = tp.TM.random(4, syms, random.Random(seed))
+        gen = torch.Generator().manual_seed(seed)
+        for n in (1, 3, 8, 17):
+            inp = torch.randint(1, syms, (40, n), generator=gen)
+            s = tp.random_tm(tm, inp)
+            for i in range(40):
+                confs = tp.parse_configs(s.tok[i].tolist())
+                assert confs == [(q, h, t) for q, h, t in tm.run(inp[i].tolist(), n)]   # parse(trace) == run
+                for (q0, h0, t0), (q1, h1, t1) in zip(confs, confs[1:]):
+                    nq, ns, mv = tm.delta[q0][t0[h0]]
+                    assert q1 == nq and t1[h0] == ns                                 # delta[(q, s)]
+                    assert h1 - h0 == mv or (h0 == 0 and h1 == 0 and mv == -1)        # |move| = 1, left edge stays
+                    diff = [j for j in range(len(t0)) if t0[j] != t1[j]]
+                    assert set(diff) <= {h0} and t1[:len(t0)] == [ns if j == h0 else c for j, c in enumerate(t0)]
+                    assert len(t1) - len(t0) in (0, 1)                                # right edge: one blank
+            assert tp.parse_answer(s.tok[0].tolist()).split()[0].startswith(("s", "Q"))
+
+
+def test_turing_programs_hard_alibi_locality():
+    torch.manual_seed(0)
+    cfg = common.GPTConfig(vocab_size=len(tp.VOCAB), n_layer=1, n_head=4, n_embd=32, pos="hard_alibi",
+                           hard_windows=(1, 2, 3, 4))
+    model = common.GPT(cfg).eval()
+    x = torch.randint(0, len(tp.VOCAB), (2, 40))
+    y = x.clone()
+    p = 20
+    y[:, :p] = (y[:, :p] + 7) % len(tp.VOCAB)               # perturb every token before p
+    with torch.no_grad():
+        lx, ly = model(x)[0], model(y)[0]
+    assert torch.allclose(lx[:, p + 3:], ly[:, p + 3:], atol=1e-5)   # widest window is 4: sees p..p+3
+    assert not torch.allclose(lx[:, p:p + 3], ly[:, p:p + 3], atol=1e-3)  # inside the window it changes
+
+
+def test_turing_programs_mask_equals_official_rule():
+    H, M, T = 16, 8, 12
+    bias = common.attention_bias(common.GPTConfig(vocab_size=10, n_head=H, n_embd=64, pos="hard_alibi"),
+                                 torch.arange(T), torch.arange(T), "cpu")
+    allowed = torch.isfinite(bias)
+    ref = torch.zeros(H, T, T, dtype=torch.bool)
+    for h in range(H):                                      # literal hard_alibi_model.py::_attn rule
+        for i in range(T):
+            for j in range(i + 1):
+                ref[h, i, j] = (i - j <= h) if h < M else True
+    assert torch.equal(allowed, ref)
+
+
+def test_turing_programs_teacher_forcing_equals_greedy():
+    torch.manual_seed(0)
+    cfg = common.config_from_preset(tp.Config, tp.PRESETS, "smoke", device="cpu")
+    model = tp.build_model(cfg, "hard_alibi").eval()
+    W = 16
+    prompt = torch.randint(0, len(tp.VOCAB), (3, 5))
+    seq = tp.greedy_decode(model, prompt, 40, W)             # decoded with the same window rule
+    pred = tp.strided_argmax(model, seq, W)
+    assert torch.equal(pred[:, 4:-1], seq[:, 5:])
+    x = torch.randint(0, len(tp.VOCAB), (2, 45))              # strided eval == per-position crop-and-refeed
+    pred = tp.strided_argmax(model, x, W)
+    with torch.no_grad():
+        for t in range(45):
+            s = tp.crop_start(t, W)
+            assert t - s < W and (t < W or t - s >= W // 2)
+            assert torch.equal(model(x[:, s:t + 1])[0][:, -1].argmax(-1), pred[:, t])
+
+
+def test_turing_programs_stream_batches():
+    def fake(n, count, gen, fmt="tp"):  # token 9 = prompt, 10 + c = program token of category c
+        cat = torch.tensor([-1] * n + [c % 4 for c in range(2 * n)], dtype=torch.int8).expand(count, -1)
+        tok = torch.where(cat < 0, 9, 10 + cat.long())
+        return tp.Seqs(tok, cat, torch.ones_like(tok, dtype=torch.bool))
+    gen = torch.Generator().manual_seed(0)
+    x, y, mask = tp.stream_batch(fake, "tp", 64, 20, 2, 9, gen)
+    assert x.shape == y.shape == mask.shape == (64, 20)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(mask, (y != 9).float())                 # loss only on program tokens
+    cfg = common.config_from_preset(tp.Config, tp.PRESETS, "smoke", device="cpu")
+    x, y, mask = tp.stream_batch(tp.make_task(cfg), "tp", 64, 32, 5, 5, gen)  # n=5 programs: 112 tokens > T
+    assert int((y == tp.EOS).sum()) > 0 and int((x[:, 0] != tp.BOS).sum()) > 32  # late lines, mid-sample starts
+    assert (mask[y == tp.BOS] == 0).all() and (mask[y == tp.EOS] == 1).all()
+
+
+def test_turing_programs_bad_config():
+    with pytest.raises(ValueError):
+        tp.Config(task="sort")
+    with pytest.raises(ValueError):
+        tp.Config(runs=("tp:xpos",))
+    with pytest.raises(ValueError):
+        tp.Config(task="mul1", runs=("plain:nope",))
+    with pytest.raises(ValueError):
+        tp.Config(eval_lens=(60,))                              # a line longer than window/2
+
+
+def test_turing_programs_smoke(tmp_path):
+    cfg = common.config_from_preset(tp.Config, tp.PRESETS, "smoke", out=str(tmp_path), device="cpu")
+    m = tp.run(cfg)
+    for pos in ("hard_alibi", "nope"):
+        key = f"add/tp/{pos}"
+        for n in cfg.eval_lens:
+            assert 0.0 <= m[f"acc/{key}/L{n}"] <= 1.0
+            for c in tp.CATS:
+                assert math.isfinite(m[f"token_acc/add/{pos}/L{n}/{c}"])
+        assert f"gen_len90/{key}" in m
+        assert m[f"final_loss/{key}"] < 0.7 * math.log(len(tp.VOCAB))   # uniform guessing: ln 46 = 3.83
+        assert m[f"tok_all/{key}/L3"] > 4.0 / len(tp.VOCAB)       # in-distribution: 4x chance (1/46)
+    assert (tmp_path / "turing_programs.json").exists()
+
+
+# ======================================================================
+# shampoo.py
+# ======================================================================
+
+def _rand_grads(k, m, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(k, m, n, generator=g, dtype=torch.float64), torch.rand(k, generator=g, dtype=torch.float64)
+
+
+def _spd(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    return X @ X.T / (2 * d) + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def test_shampoo_smoke(tmp_path):
+    cfg = common.config_from_preset(shampoo.Config, shampoo.PRESETS, "smoke", out=str(tmp_path), device="cpu")
+    m = shampoo.run(cfg)
+    for mat in ("gn", "ada"):
+        for k in ("optimal", "shampoo2", "shampoo"):
+            assert 0 < m[f"cos/{mat}/{k}"] <= 1 + 1e-9
+        # the inequality every Kronecker approximation obeys, and the finding itself
+        assert m[f"cos/{mat}/optimal"] >= m[f"cos/{mat}/shampoo2"] - 1e-6
+        assert m[f"cos/{mat}/optimal"] >= m[f"cos/{mat}/shampoo"] - 1e-6
+        assert m[f"cos/{mat}/shampoo2"] > m[f"cos/{mat}/shampoo"]
+        assert m[f"cos/{mat}/shampoo2"] > m[f"cos/{mat}/diagonal"]
+    assert m["power_iter_gap"] < 1e-10
+    chance = math.log(cfg.b_classes)
+    for name in cfg.optimizers:
+        assert math.isfinite(m[f"train_loss/{name}"]) and m[f"train_loss/{name}"] < chance
+    assert any(k.startswith("cos/gn/shampoo2_real_B") for k in m)
+    assert (tmp_path / "shampoo.json").exists()
+
+
+def test_shampoo_rearrangement_and_vec_convention():
+    m, n = 3, 4
+    g = torch.Generator().manual_seed(1)
+    H = torch.randn(m * n, m * n, generator=g, dtype=torch.float64)
+    A = torch.randn(m, m, generator=g, dtype=torch.float64)
+    B = torch.randn(n, n, generator=g, dtype=torch.float64)
+    G = torch.randn(m, n, generator=g, dtype=torch.float64)
+    lhs = (H - torch.kron(A, B)).norm()
+    rhs = (shampoo.rearrange(H, m, n) - torch.outer(A.reshape(-1), B.reshape(-1))).norm()
+    assert torch.allclose(lhs, rhs, atol=1e-10)
+    assert torch.allclose(torch.kron(A, B) @ G.reshape(-1), (A @ G @ B.T).reshape(-1), atol=1e-10)
+    # cosine and relative error computed without forming A (x) B match the explicit ones
+    RH = shampoo.rearrange(H, m, n)
+    assert abs(shampoo.kron_cos(RH, H.norm(), A, B) - shampoo.cos_sim(H, torch.kron(A, B))) < 1e-10
+    c = 0.37
+    ref = float((H - c * torch.kron(A, B)).norm() / H.norm())
+    assert abs(shampoo.kron_relerr(RH, H.norm(), A, B, c) - ref) < 1e-10
+
+
+def test_shampoo_one_power_step_is_L_kron_R():
+    m, n = 5, 3
+    Gs, w = _rand_grads(40, m, n)
+    g = Gs.reshape(40, -1)
+    H = (g * w[:, None]).T @ g                                  # H = sum_i w_i g_i g_i^T
+    L = torch.einsum("s,sij,skj->ik", w, Gs, Gs)
+    R = torch.einsum("s,sji,sjk->ik", w, Gs, Gs)
+    RH = shampoo.rearrange(H, m, n)
+    assert torch.allclose(RH @ torch.eye(n, dtype=H.dtype).reshape(-1), L.reshape(-1), atol=1e-10)
+    assert torch.allclose(RH.T @ torch.eye(m, dtype=H.dtype).reshape(-1), R.reshape(-1), atol=1e-10)
+    A1, B1, _ = shampoo.power_iteration(RH, m, n, 1)
+    assert torch.allclose(A1, L / L.norm(), atol=1e-6) and torch.allclose(B1, R / R.norm(), atol=1e-6)
+    K = torch.kron(A1, B1)
+    K = K * torch.trace(H) / torch.trace(K)
+    assert torch.allclose(K, torch.kron(L, R) / torch.trace(H), atol=1e-6 * torch.kron(L, R).abs().max())
+
+
+def test_shampoo_exact_kronecker_recovered():
+    m, n = 4, 3
+    Sa, Sb = _spd(m, 2), _spd(n, 3)
+    H = torch.kron(Sa, Sb)
+    L, R = torch.trace(Sb) * Sa, torch.trace(Sa) * Sb          # E[G G^T], E[G^T G] for G = Sa^1/2 Z Sb^1/2
+    assert torch.allclose(torch.kron(L, R) / torch.trace(H), H, atol=1e-10)
+    rep = shampoo.approx_report(dict(H=H, L=L, R=R), power_iters=50)
+    assert abs(rep["optimal"] - 1) < 1e-9 and abs(rep["shampoo2"] - 1) < 1e-9
+    assert rep["shampoo"] < 0.999                                # Shampoo's square root is not exact
+    assert rep["relerr_shampoo2"] < 1e-6
+    A, B, _ = shampoo.power_iteration(shampoo.rearrange(H, m, n), m, n, 50)
+    K = torch.kron(A, B)
+    assert torch.allclose(K * H.norm() / K.norm(), H, atol=1e-8)
+
+
+def test_shampoo_power_iteration_matches_svd_and_bounds():
+    m, n = 4, 5
+    Gs, w = _rand_grads(30, m, n, seed=4)
+    g = Gs.reshape(30, -1)
+    H = (g * w[:, None]).T @ g
+    L = torch.einsum("s,sij,skj->ik", w, Gs, Gs)
+    R = torch.einsum("s,sji,sjk->ik", w, Gs, Gs)
+    RH = shampoo.rearrange(H, m, n)
+    U, S, Vh = torch.linalg.svd(RH)
+    A, B, _ = shampoo.power_iteration(RH, m, n, 500)
+    assert abs(float(A.reshape(-1) @ U[:, 0])) > 1 - 1e-8
+    assert abs(float(B.reshape(-1) @ Vh[0])) > 1 - 1e-8
+    rep = shampoo.approx_report(dict(H=H, L=L, R=R), power_iters=500)
+    assert abs(rep["optimal"] - float(S[0] / RH.norm())) < 1e-8
+    assert rep["optimal"] >= rep["shampoo2"] - 1e-9 and rep["optimal"] >= rep["shampoo"] - 1e-9
+    # cosine at the optimal scale <-> relative Frobenius error: min_c |H - cK|^2 / |H|^2 = 1 - cos^2
+    K = torch.kron(L, R)
+    c = float((H * K).sum() / (K * K).sum())
+    cos = rep["shampoo2"]
+    assert abs(shampoo.kron_relerr(RH, H.norm(), L, R, c) ** 2 - (1 - cos ** 2)) < 1e-10
+
+
+def test_shampoo_inv_root_matches_float64_reference():
+    M = _spd(6, 5)
+    M[0] *= 0; M[:, 0] *= 0                                     # rank deficient: the eps matters
+    M32, eps = M.float(), 1e-3
+    reg = M + eps * torch.linalg.eigvalsh(M).max() * torch.eye(6, dtype=torch.float64)
+    inv = torch.linalg.inv(reg)
+    X1 = shampoo.inv_root(M32, 1, eps).double()
+    assert torch.allclose(X1, inv, rtol=1e-4, atol=1e-3)
+    X2 = shampoo.inv_root(M, 2, eps)
+    assert torch.allclose(X2 @ X2, inv, atol=1e-9)
+    X4 = shampoo.inv_root(M, 4, eps)
+    assert torch.allclose(torch.linalg.matrix_power(X4, 4) @ reg, torch.eye(6, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(X4, X4.T) and torch.linalg.eigvalsh(X4).min() > 0
+
+
+def test_shampoo_exponent4_single_step_is_polar_factor():
+    G = torch.randn(5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    D = shampoo.inv_root(G @ G.T, 4, 1e-14) @ G @ shampoo.inv_root(G.T @ G, 4, 1e-14)
+    U, _, Vh = torch.linalg.svd(G)
+    assert torch.allclose(D, U @ Vh, atol=1e-5)
+
+
+def _tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 5))
+
+
+def _run_opt(opt, net, steps=10):
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(9))
+    y = torch.arange(16) % 5
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+def test_shampoo_identity_preconditioner_is_sgd_and_graft():
+    # identity preconditioner (start_step beyond the run), no momentum, no grafting -> plain SGD
+    a, b = _tiny_net(), _tiny_net()
+    _run_opt(shampoo.Shampoo([a[0].weight, a[2].weight], lr=0.1, betas=(0.0, 0.999), graft="none",
+                             start_step=10**9), a)
+    _run_opt(torch.optim.SGD([b[0].weight, b[2].weight], lr=0.1), b)
+    assert torch.allclose(a[0].weight, b[0].weight, atol=1e-6) and torch.allclose(a[2].weight, b[2].weight, atol=1e-6)
+    # a preconditioner that is a multiple of I (huge relative eps) + Adam grafting == identity + grafting
+    c, d = _tiny_net(), _tiny_net()
+    _run_opt(shampoo.Shampoo(c.parameters(), lr=0.01, eps=1e8, start_step=1, update_freq=1), c)
+    _run_opt(shampoo.Shampoo(d.parameters(), lr=0.01, start_step=10**9), d)
+    for p, q in zip(c.parameters(), d.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_shampoo_graft_norm_freq_and_adam_params():
+    net, ref = _tiny_net(), _tiny_net()
+    opt = shampoo.Shampoo(net.parameters(), lr=0.01, update_freq=3, start_step=1)
+    adam = torch.optim.Adam(ref.parameters(), lr=0.01)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(9))
+    y = torch.arange(16) % 5
+    W = net[0].weight
+    for t in range(1, 11):
+        for model, o in ((net, opt), (ref, adam)):
+            o.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        Li_before = opt.state[W]["Li"].clone() if W in opt.state else None
+        before = W.detach().clone()
+        opt.step()
+        adam.step()
+        st = opt.state[W]
+        m_hat = st["m"] / (1 - 0.9 ** t)
+        adam_dir = m_hat / ((st["v"] / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        step_norm = (before - W.detach()).norm() / 0.01
+        assert abs(step_norm - adam_dir.norm()) < 1e-4 * adam_dir.norm()   # grafted: Adam's norm exactly
+        if Li_before is not None and (t - 1) % 3 != 0:
+            assert torch.equal(st["Li"], Li_before)                       # no refresh between updates
+        elif Li_before is not None:
+            assert not torch.equal(st["Li"], Li_before)
+
+
+def test_shampoo_1d_params_follow_torch_adam():
+    a, b = _tiny_net(), _tiny_net()
+    _run_opt(shampoo.Shampoo([a[0].bias, a[2].bias], lr=0.01), a)         # weights stay fixed in both nets
+    _run_opt(torch.optim.Adam([b[0].bias, b[2].bias], lr=0.01), b)
+    for name in ("0.bias", "2.bias"):
+        assert not torch.equal(a.get_parameter(name), _tiny_net().get_parameter(name))
+        assert torch.allclose(a.get_parameter(name), b.get_parameter(name), atol=1e-6)
+
+
+def test_shampoo_gn_matches_jacobian_formula():
+    net = shampoo.MLP((3, 4, 4, 3)).double()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    G, p = shampoo.class_grads(net, "2.weight", x, chunk=4)
+    H = shampoo.gn_matrices(G, p, shampoo.layer_input(net, "2.weight", x))["H"]
+    W = net.get_parameter("2.weight")
+    ref = torch.zeros(16, 16, dtype=torch.float64)
+    for i in range(6):
+        J = torch.autograd.functional.jacobian(
+            lambda w: torch.func.functional_call(net, {"2.weight": w}, (x[i:i + 1],))[0], W)
+        J = J.reshape(3, 16)                                              # dz/dvec(W)
+        pi = F.softmax(net(x[i:i + 1]), -1)[0]
+        ref += J.T @ (torch.diag(pi) - torch.outer(pi, pi)) @ J / 6       # J^T Lambda J
+    assert torch.allclose(H, ref, atol=1e-10)
+
+
+def test_shampoo_batch_gradient_identity():
+    net = shampoo.MLP((3, 4, 2, 3)).double()
+    N, C = 4, 3
+    x = torch.randn(N, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1])
+    G, p = shampoo.class_grads(net, "2.weight", x)
+    Gf = G.reshape(N, C, -1)
+    assert torch.allclose(torch.einsum("nc,ncd->nd", p, Gf), torch.zeros(N, 8, dtype=torch.float64), atol=1e-12)
+    full = torch.einsum("nc,ncd,nce->de", p, Gf, Gf) / N                  # E[g g^T], sampled labels
+    # B = 2: examples iid uniform, labels iid from the model; enumerate every (e1, c1, e2, c2)
+    samp = torch.zeros_like(full)
+    for e1 in range(N):
+        for e2 in range(N):
+            for c1 in range(C):
+                for c2 in range(C):
+                    gb = (Gf[e1, c1] + Gf[e2, c2]) / 2
+                    samp += p[e1, c1] * p[e2, c2] / N ** 2 * torch.outer(gb, gb)
+    assert torch.allclose(samp, full / 2, atol=1e-12)
+    # real labels: E[G_B G_B^T] = E[g g^T]/B + (1 - 1/B) gbar gbar^T
+    gr = Gf[torch.arange(N), y]
+    real = sum(torch.outer((gr[a] + gr[b]) / 2, (gr[a] + gr[b]) / 2) for a in range(N) for b in range(N)) / N ** 2
+    gbar = gr.mean(0)
+    assert torch.allclose(real, gr.T @ gr / N / 2 + 0.5 * torch.outer(gbar, gbar), atol=1e-12)
+
+
+def test_shampoo_bad_config():
+    with pytest.raises(ValueError):
+        shampoo.Config(checkpoints=(0, 5000), steps=100)
+    with pytest.raises(ValueError):
+        shampoo.Config(batch_sizes=(2048,), n_pool=64)
+    with pytest.raises(ValueError):
+        shampoo.Config(optimizers=("lion",))
+
+
+# ======================================================================
+# trail.py
+# ======================================================================
+
+def test_trail_smoke(tmp_path):
+    cfg = common.config_from_preset(trail.Config, trail.PRESETS, "smoke", out=str(tmp_path), device="cpu")
+    m = trail.run(cfg)
+    preds = ("prompt_only", "probe", "probe_bayes", "prompt_probe_bayes")
+    keys = [f"mae/{p}" for p in preds] + [f"mae/{p}/{t}" for p in preds for t in trail.TASKS]
+    keys += ["best_layer", "speedup_latency/trail/load0.95", "mg1_rel_err/fcfs"]
+    keys += [f"{k}/{p}/load{l:g}" for k in ("latency_mean", "ttft_mean") for p in cfg.policies for l in cfg.loads]
+    keys += [f"mg1_rel_err/{c}_C{C:g}" for c in ("perfect", "noisy") for C in cfg.mg1_cs]
+    for k in keys:
+        assert k in m, k
+        assert math.isfinite(m[k]), k
+    assert 0 <= m["best_layer"] <= cfg.n_layer
+    # the probe beats predicting the median remaining length even for the 60-step LM (it reads the position)
+    assert m["mae/probe"] < m["mae/constant"]
+    assert m["speedup_latency/srpt_oracle/load0.95"] > 1.0
+    for k, v in m.items():
+        if k.startswith("mg1_rel_err/"):
+            assert abs(v) < 0.05, (k, v)
+    assert os.path.exists(tmp_path / "trail.json")
+
+
+def test_trail_bad_config_is_one_line_error():
+    with pytest.raises(ValueError):
+        trail.Config(kv_budget=10)
+    with pytest.raises(SystemExit):
+        common.parse_args(trail.Config, trail.PRESETS, ["--preset", "smoke", "--n-max", "100"])
+
+# --- data and LM --------------------------------------------------------------------------------------
+
+
+def test_trail_requests_follow_the_task_rules():
+    cfg = trail.Config()
+    prompts, out, L, task = trail.make_requests(3000, cfg, torch.Generator().manual_seed(0))
+    assert (L >= 2).all() and (L <= cfg.max_out).all()
+    for i in range(3000):
+        o = out[i].tolist()
+        k = int(L[i]) - 1
+        assert o[k] == trail.EOS and all(v == trail.PAD for v in o[k + 1:])
+        vals = [v - trail.NUM0 for v in o[:k]]
+        assert all(v >= 0 for v in vals)
+        x, stop = int(prompts[i, 2]) - trail.NUM0, int(prompts[i, 3]) - trail.NUM0
+        if task[i] == 1:                                   # COUNT: 1..n
+            assert vals == list(range(1, stop + 1))
+        elif task[i] == 2:                                 # LIST: s..b with 1 <= s <= a
+            assert vals[-1] == stop and 1 <= vals[0] <= x and vals == list(range(vals[0], stop + 1))
+        else:                                              # WALK: +-1 steps from s, first hit of 0 or B ends it
+            path = [x] + vals
+            assert all(abs(a - b) == 1 for a, b in zip(path, path[1:]))
+            assert all(0 < v < stop for v in path[:-1])
+            assert path[-1] in (0, stop) or k == cfg.max_out - 1
+
+
+def test_trail_kv_cache_equals_full_recomputation():
+    torch.manual_seed(0)
+    model = common.GPT(common.GPTConfig(vocab_size=30, block_size=24, n_layer=2, n_head=2, n_embd=16)).eval()
+    seq = torch.randint(0, 30, (3, 20))
+    with torch.no_grad():
+        full, _, hid = model(seq, return_hidden=True)
+        cache = model.new_cache()
+        lg, _, h = model(seq[:, :5], cache=cache, return_hidden=True)
+        step_logits, step_hidden = [lg], [h[-1]]
+        for t in range(5, 20):
+            lg, _, h = model(seq[:, t:t + 1], cache=cache, return_hidden=True)
+            step_logits.append(lg)
+            step_hidden.append(h[-1])
+    torch.testing.assert_close(torch.cat(step_logits, 1), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(step_hidden, 1), hid[-1], atol=1e-5, rtol=0)
+    # generate(): EOS sits at position L-1 and PAD after it
+    outs, L = trail.generate(model, seq[:, :5] % 8, 12, 1.0, torch.Generator().manual_seed(1))
+    for o, l in zip(outs.tolist(), L.tolist()):
+        assert o[l - 1] == trail.EOS and all(v == trail.PAD for v in o[l:]) and trail.EOS not in o[:l - 1]
+
+
+def test_trail_step_targets_count_down_to_one():
+    req, t, rem = trail.step_targets(torch.tensor([3, 1, 2]))
+    assert req.tolist() == [0, 0, 0, 1, 2, 2]
+    assert t.tolist() == [0, 1, 2, 0, 0, 1]
+    assert rem.tolist() == [3, 2, 1, 1, 2, 1]
+
+# --- predictor pieces ---------------------------------------------------------------------------------
+
+
+def test_trail_bins_monotone_and_expectation_in_range():
+    w, mids = trail.bin_edges(64, 10)
+    b = trail.to_bin(torch.arange(0, 200), 64, 10)
+    assert (b[1:] >= b[:-1]).all() and b.min() == 0 and b.max() == 9
+    p = torch.softmax(torch.randn(500, 10) * 5, -1)
+    e = trail.expect(p, mids)
+    assert (e >= 0).all() and (e <= 64).all()
+    assert torch.allclose(mids[trail.to_bin(mids, 64, 10)], mids)   # each midpoint falls in its own bin
+
+
+def test_trail_bayes_smoothing_identities():
+    k = 10
+    T = trail.build_transition(k, 6.4)
+    torch.testing.assert_close(T.sum(1), torch.ones(k))
+    p = torch.softmax(torch.randn(4, 6, k), -1)
+    # T = I and a uniform prior: the posterior is the normalised product of the probe outputs
+    post = trail.bayes_smooth(p, torch.eye(k), prior=torch.full((4, k), 1.0 / k))
+    prod = torch.cumprod(p, 1)
+    torch.testing.assert_close(post, prod / prod.sum(-1, keepdim=True))
+    # a one-hot probe output pins the posterior to it (any prior with full support)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, k, (4,)), k).float()
+    prior = torch.softmax(torch.randn(4, k), -1)
+    torch.testing.assert_close(trail.bayes_update(prior, onehot, T), onehot)
+    torch.testing.assert_close(trail.bayes_smooth(onehot[:, None], T, prior=prior)[:, 0], onehot)
+    # smoothing with the real T stays a distribution
+    post = trail.bayes_smooth(p, T, prior=torch.softmax(torch.randn(4, k), -1))
+    torch.testing.assert_close(post.sum(-1), torch.ones(4, 6))
+
+
+def test_trail_matches_official_algorithms():
+    """Re-implemented from the repo's description (schedule_policy.py, trail_predictor.py) and driven with
+    random states: same preemptibility, same victim, same smoothed posterior."""
+    rng = np.random.default_rng(0)
+
+    def repo_preemptible(generated, init, c):
+        return generated <= c * max(init, 1)
+
+    def repo_priority(generated, init, remaining, c):
+        return math.inf if generated > c * max(init, 1) else remaining
+
+    for _ in range(300):
+        c = float(rng.choice([0.0, 0.2, 0.5, 0.8, 1.0]))
+        n_run = 4
+        init = rng.integers(1, 60, n_run).astype(float)
+        gen = rng.integers(0, 60, n_run)
+        rem = rng.integers(0, 60, n_run).astype(float)
+        incoming = float(rng.integers(0, 60))
+        for i in range(n_run):
+            assert trail.trail_preemptible(int(gen[i]), init[i], c) == repo_preemptible(gen[i], init[i], c)
+        # repo: batch full -> the incoming request preempts the preemptible running one with the largest value,
+        # iff incoming + margin (0) < value
+        vals = [repo_priority(gen[i], init[i], rem[i], c) for i in range(n_run)]
+        cand = [i for i in range(n_run) if repo_preemptible(gen[i], init[i], c)]
+        victim = None
+        if cand:
+            v = max(cand, key=lambda i: (vals[i], i))
+            if incoming < vals[v]:
+                victim = v
+        # ours: rank everyone (running requests arrived first), keep the top n_run
+        keys = {i: trail.trail_key(int(gen[i]), init[i], rem[i], c, i) for i in range(n_run)}
+        keys[n_run] = trail.trail_key(0, incoming, incoming, c, n_run)
+        kept = sorted(keys, key=keys.get)[:n_run]
+        dropped = [i for i in range(n_run) if i not in kept]
+        assert dropped == ([] if victim is None else [victim])
+
+    def repo_transition(k, width):
+        q = min(1.0, 1.0 / width)
+        T = np.zeros((k, k))
+        T[0, 0] = 1.0
+        for i in range(1, k):
+            T[i, i], T[i, i - 1] = 1 - q, q
+        return T
+
+    def repo_smooth(prev, p, T, s):
+        prior = prev @ np.linalg.matrix_power(T, s)
+        post = prior * p
+        return post / post.sum(-1, keepdims=True)
+
+    T = repo_transition(10, 51.2)
+    torch.testing.assert_close(trail.build_transition(10, 51.2), torch.tensor(T, dtype=torch.float32))
+    prev, p = rng.dirichlet(np.ones(10), 5), rng.dirichlet(np.ones(10), 5)
+    for s in (1, 8):
+        ours = trail.bayes_update(torch.tensor(prev), torch.tensor(p), torch.tensor(T), steps=s)
+        torch.testing.assert_close(ours, torch.tensor(repo_smooth(prev, p, T, s)))
+
+# --- M/G/1 theory -------------------------------------------------------------------------------------
+
+
+def _exp_quantiles(n):
+    return -np.log1p(-(np.arange(n) + 0.5) / n)
+
+
+def test_trail_closed_form_matches_simulation():
+    rng = np.random.default_rng(1)
+    n = 40_000
+    x = rng.exponential(1.0, n)
+    arr = np.cumsum(rng.exponential(1.0, n)) / 0.5
+    for C in (0.5, 1.0):
+        sim = trail.simulate_mg1(x, x, arr, C).mean()
+        assert abs(trail.closed_form(0.5, C, x, x, 100) / sim - 1) < 0.05, C
+    r = rng.exponential(x)                          # noisy predictions R ~ Exp(mean X), lam = 0.8
+    arr = np.cumsum(rng.exponential(1.0, n)) / 0.8
+    sim = trail.simulate_mg1(x, r, arr, 0.8).mean()
+    assert abs(trail.closed_form(0.8, 0.8, x, r, 100) / sim - 1) < 0.03
+    # limited preemption changes the answer: C = 0 (non-preemptive SJF on predictions) is clearly worse here
+    assert trail.closed_form(0.8, 0.0, x, r, 100) > 1.05 * trail.closed_form(0.8, 1.0, x, r, 100)
+
+
+def test_trail_closed_form_reduces_to_schrage_miller():
+    x = _exp_quantiles(50_000)                      # a near-exact quadrature sample of Exp(1)
+    sm = trail.schrage_miller(0.5, lambda v: np.exp(-v), lambda v: 1 - np.exp(-v), 40.0)
+    assert abs(trail.closed_form(0.5, 1.0, x, x, 200) / sm - 1) < 1e-3
+    assert abs(trail.closed_form(0.5, math.inf, x, x, 200) / sm - 1) < 1e-3
+
+
+def test_trail_fcfs_simulation_matches_pollaczek_khinchine():
+    rng = np.random.default_rng(2)
+    n = 40_000
+    x = rng.exponential(1.0, n)
+    arr = np.cumsum(rng.exponential(1.0, n)) / 0.5
+    sim = trail.simulate_mg1(x, x, arr, policy="fcfs").mean()
+    assert abs(sim / 2.0 - 1) < 0.03                 # P-K: 1 + 0.5 * 2 / (2 * 0.5) = 2
+    assert trail.pollaczek_khinchine(0.5, _exp_quantiles(100_000)) == pytest.approx(2.0, rel=2e-3)
+
+# --- serving simulator --------------------------------------------------------------------------------
+
+
+def _trace(n, rng, mean_len=20, max_out=64):
+    L = np.minimum(rng.geometric(1.0 / mean_len, n), max_out)
+    r0 = np.clip(L * rng.lognormal(0, 0.5, n), 1, max_out)
+    steps = np.arange(max_out)[None]
+    pred = np.clip(np.maximum(L[:, None] - steps, 0) * rng.lognormal(0, 0.3, (n, max_out)), 0, max_out)
+    return L, r0, pred
+
+
+def _all_policies(L, r0, pred):
+    tr = {"L": L, "r0_prompt": r0, "pred_refined": pred}
+    names = list(trail.POLICIES) + ["trail_C0", "trail_C0.5"]
+    return {name: trail.policy_inputs(name, tr, 0.8) for name in names}
+
+
+def test_trail_serving_single_server_matches_mg1():
+    """max_batch 1, unlimited KV, one time unit per token: an M/G/1 queue (preemption at token boundaries)."""
+    rng = np.random.default_rng(3)
+    n, lam = 10_000, 0.05
+    L = rng.geometric(0.1, n)                       # mean 10: load 0.5 (FCFS spread over seeds ~ +-2%)
+    arr = np.cumsum(rng.exponential(1.0 / lam, n))
+    kw = dict(max_batch=1, kv_budget=10 ** 9, c0=1.0, c_dec=0.0, c_pre=0.0)
+    fcfs = trail.simulate_serving(arr, L, "fcfs", **kw)["latency"].mean()
+    assert abs(fcfs / trail.pollaczek_khinchine(lam, L) - 1) < 0.03
+    for C in (0.5, math.inf):
+        steps = np.arange(L.max())[None]
+        sim = trail.simulate_serving(arr, L, "soap", L, np.maximum(L[:, None] - steps, 0), C, **kw)
+        assert abs(sim["latency"].mean() / trail.closed_form(lam, C, L, L) - 1) < 0.03, C
+
+
+def test_trail_serving_invariants():
+    rng = np.random.default_rng(4)
+    n = 300
+    L, r0, pred = _trace(n, rng)
+    arr = np.cumsum(rng.exponential(5.0, n))        # heavy load for max_batch 4
+    for name, (kind, a, b, C) in _all_policies(L, r0, pred).items():
+        s = trail.simulate_serving(arr, L, kind, a, b, C, max_batch=4, kv_budget=100, record=True)
+        log = s["log"]
+        assert log["emitted"] == L.tolist(), name                 # every request emits exactly its length
+        assert sum(log["emitted"]) == L.sum()
+        assert max(log["kv"]) <= 100 and max(log["batch"]) <= 4, name
+        assert (s["ttft"] > 0).all() and (s["ttft"] <= s["latency"] + 1e-9).all(), name
+        assert sorted(log["order"]) == list(range(n))
+        assert s["evictions"] > 0, name                            # the budget binds in this setting
+
+
+def test_trail_serving_orders_and_preemption():
+    rng = np.random.default_rng(5)
+    n = 400
+    arr = np.cumsum(rng.exponential(2.0, n))
+    kw = dict(max_batch=4, kv_budget=10 ** 9)
+    # FCFS with equal lengths and unlimited KV completes in arrival order
+    s = trail.simulate_serving(arr, np.full(n, 10), "fcfs", record=True, **kw)
+    assert s["log"]["order"] == list(range(n)) and s["preemptions"] == 0
+    # C = 0: a started request is never preempted; C = inf on the same trace does preempt
+    L, r0, pred = _trace(n, rng)
+    assert trail.simulate_serving(arr, L, "soap", r0, pred, 0.0, **kw)["preemptions"] == 0
+    assert trail.simulate_serving(arr, L, "soap", r0, pred, math.inf, **kw)["preemptions"] > 0
+    # load -> 0: every request runs alone, so every policy gives the same latencies
+    far = np.arange(n) * 1e6
+    lat = [trail.simulate_serving(far, L, kind, a, b, C, **kw)["latency"]
+           for kind, a, b, C in _all_policies(L, r0, pred).values()]
+    for other in lat[1:]:
+        np.testing.assert_allclose(other, lat[0])
+
+
+def test_trail_srpt_oracle_beats_fcfs_and_littles_law():
+    rng = np.random.default_rng(6)
+    n = 3000
+    L, r0, pred = _trace(n, rng)
+    cap = 8 / (5.0 + 0.25 * 8) / L.mean()
+    arr = np.cumsum(rng.exponential(1.0, n)) / (0.95 * cap)
+    pols = _all_policies(L, r0, pred)
+    res = {k: trail.simulate_serving(arr, L, *pols[k]) for k in ("fcfs", "srpt_oracle", "trail")}
+    assert res["srpt_oracle"]["latency"].mean() < res["fcfs"]["latency"].mean()
+    for s in res.values():                          # time-average number in system = lambda * mean latency
+        lam_hat = n / arr[-1]
+        assert abs((s["area"] / s["t_end"]) / (lam_hat * s["latency"].mean()) - 1) < 0.03

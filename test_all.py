@@ -20,6 +20,8 @@ import turing_programs as tp
 import shampoo
 import numpy as np
 import trail
+import torch.nn as nn
+import lora_cat
 import ardt
 import chess
 import transcendence
@@ -1510,6 +1512,232 @@ def test_trail_srpt_oracle_beats_fcfs_and_littles_law():
     for s in res.values():                          # time-average number in system = lambda * mean latency
         lam_hat = n / arr[-1]
         assert abs((s["area"] / s["t_end"]) / (lam_hat * s["latency"].mean()) - 1) < 0.03
+
+
+# ======================================================================
+# lora_cat.py
+# ======================================================================
+
+def _tiny_gpt(seed=0, n_layer=2):
+    torch.manual_seed(seed)
+    cfg = common.GPTConfig(vocab_size=len(lora_cat.VOCAB), block_size=14, n_layer=n_layer, n_head=2, n_embd=16)
+    return lora_cat.split_qkv(common.GPT(cfg)).eval()
+
+
+def _random_lora(model, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(r, m.in_features, generator=g), torch.randn(m.out_features, r, generator=g) * 0.1)
+            for n, m in model.named_modules() if n in lora_cat.target_names(model)}
+
+
+def test_lora_cat_smoke(tmp_path):
+    cfg = common.config_from_preset(lora_cat.Config, lora_cat.PRESETS, "smoke", out=str(tmp_path), device="cpu")
+    m = lora_cat.run(cfg)
+    for prefix in ("acc", "acc_B"):
+        for meth in lora_cat.METHODS:
+            for task in lora_cat.TASKS:
+                v = m[f"{prefix}/{meth}/{task}"]
+                assert 0.0 <= v <= 1.0 and math.isfinite(v)
+    # each single LoRA learned its own skill far above chance (exact match of 2-6 tokens: chance <= 1%)
+    # and above the base model; the merges were built from them
+    for prefix in ("acc", "acc_B"):
+        assert m[f"{prefix}/lora_a/skill_a"] > 0.3
+        assert m[f"{prefix}/lora_a/skill_a"] > m[f"{prefix}/base/skill_a"] + 0.2
+    assert m["acc/lora_b/skill_b"] > 0.3 and m["acc/data_mix/skill_a"] > 0.3
+    assert (tmp_path / "lora_cat.json").exists()
+
+
+def test_lora_cat_zero_init_is_identity():
+    base = _tiny_gpt()
+    model = lora_cat.add_lora(base, 1, r=4, alpha=8.0, seed=1)
+    assert all(bool((m.B[0] == 0).all()) for m in model.modules() if isinstance(m, lora_cat.LoRALinear))
+    x = torch.randint(0, len(lora_cat.VOCAB), (3, 10))
+    assert torch.equal(model(x)[0], base(x)[0])
+
+
+def test_lora_cat_split_qkv_is_the_fused_layer():
+    torch.manual_seed(0)
+    cfg = common.GPTConfig(vocab_size=25, block_size=14, n_layer=1, n_head=2, n_embd=16)
+    fused = common.GPT(cfg).eval()
+    x = torch.randint(0, 25, (2, 9))
+    ref = fused(x)[0]
+    assert torch.allclose(lora_cat.split_qkv(fused)(x)[0], ref, atol=1e-6)
+
+
+def test_lora_cat_merge_equals_unmerged_forward():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 7, bias=True)
+    W0 = lin.weight.detach().clone()
+    layer = lora_cat.LoRALinear(lin, n_adapters=2, r=3, alpha=5.0, mix="free")
+    for p in list(layer.A) + list(layer.B):
+        p.data.normal_()
+    layer.w.data = torch.tensor([0.7, -1.3])
+    x = torch.randn(4, 5, 12)
+    dW = sum(layer.w[i] * (5.0 / 3) * layer.B[i] @ layer.A[i] for i in range(2))
+    expected = F.linear(x, W0 + dW, lin.bias)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    layer.merge()
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(layer.base.weight, W0, atol=1e-6)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_lora_cat_equals_peft_cat_rank_r1_plus_r2():
+    """PEFT's combination_type='cat': A = [c1 s A1; c2 s A2], B = [B1, B2], scale 1, rank r1 + r2."""
+    torch.manual_seed(1)
+    lin = nn.Linear(10, 6, bias=False)
+    layer = lora_cat.LoRALinear(lin, n_adapters=2, r=4, alpha=8.0, mix="softmax")
+    for p in list(layer.A) + list(layer.B):
+        p.data.normal_()
+    layer.w.data = torch.tensor([0.3, -0.2])
+    c, s = torch.softmax(layer.w, 0), 2.0
+    A = torch.cat([c[0] * s * layer.A[0], c[1] * s * layer.A[1]], 0)     # (8, 10)
+    B = torch.cat([layer.B[0], layer.B[1]], 1)                             # (6, 8)
+    x = torch.randn(5, 10)
+    assert torch.allclose(layer(x), lin(x) + x @ A.T @ B.T, atol=1e-5)
+
+
+def test_lora_cat_linear_ab_cross_terms():
+    base = _tiny_gpt()
+    l1, l2 = _random_lora(base, 4, 1), _random_lora(base, 4, 2)
+    w, s = [0.7, 1.3], 2.0
+    lin = lora_cat.merge_ab([l1, l2], w, s, "linear")
+    for name in l1:
+        (A1, B1), (A2, B2) = l1[name], l2[name]
+        cross = lin[name] - (w[0] * s * B1 @ A1 + w[1] * s * B2 @ A2)
+        assert torch.allclose(cross, math.sqrt(w[0] * s * w[1] * s) * (B1 @ A2 + B2 @ A1), atol=1e-5)
+    single = lora_cat.merge_ab([l1], [1.0], s, "linear")
+    for name in l1:
+        assert torch.allclose(single[name], s * l1[name][1] @ l1[name][0], atol=1e-5)
+
+
+def test_lora_cat_one_zero_weight_equals_other_single_lora():
+    base = _tiny_gpt()
+    l1, l2 = _random_lora(base, 4, 1), _random_lora(base, 4, 2)
+    cat = lora_cat.add_lora(base, 2, r=4, alpha=8.0, mix="free", loras=[l1, l2])
+    for m in cat.modules():
+        if isinstance(m, lora_cat.LoRALinear):
+            m.w.data = torch.tensor([0.0, 1.0])
+    single = lora_cat.add_lora(base, 1, r=4, alpha=8.0, loras=[l2])
+    x = torch.randint(0, 25, (3, 12))
+    assert torch.allclose(cat(x)[0], single(x)[0], atol=1e-5)
+    merged = lora_cat.with_delta(base, lora_cat.cat_delta(cat))
+    assert torch.allclose(merged(x)[0], single(x)[0], atol=1e-5)
+
+
+def test_lora_cat_softmax_at_zero_is_uniform_merge():
+    base = _tiny_gpt()
+    l1, l2 = _random_lora(base, 4, 1), _random_lora(base, 4, 2)
+    cat = lora_cat.add_lora(base, 2, r=4, alpha=8.0, mix="softmax", loras=[l1, l2])
+    uni = lora_cat.merge_dw([l1, l2], [0.5, 0.5], 2.0, "linear")
+    d = lora_cat.cat_delta(cat)
+    assert all(torch.allclose(d[n], uni[n], rtol=0, atol=1e-6) for n in uni)
+
+
+def test_lora_cat_training_touches_only_the_weights():
+    base = _tiny_gpt(n_layer=2)
+    l1, l2 = _random_lora(base, 4, 1), _random_lora(base, 4, 2)
+    for mix in ("free", "softmax"):
+        cat = lora_cat.add_lora(base, 2, r=4, alpha=8.0, mix=mix, loras=[l1, l2])
+        trainable = [p for p in cat.parameters() if p.requires_grad]
+        assert sum(p.numel() for p in trainable) == 2 * 6 * 2          # layers x modules x adapters
+        x = torch.randint(0, 25, (4, 12))
+        cat(x, x)[1].backward()
+        for m in cat.modules():
+            if isinstance(m, lora_cat.LoRALinear):
+                assert all(p.grad is None for p in list(m.A) + list(m.B))
+                assert m.w.grad is not None and bool((m.w.grad != 0).all())
+        assert all(p.grad is None for n, p in cat.named_parameters() if not n.endswith(".w"))
+
+
+def test_lora_cat_ties_hand_computed():
+    t = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0, -1.0])
+    assert torch.equal(lora_cat.ties([t], [1.0], 1.0), t)                  # density 1, one task: identity
+    tied = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, -2.0, 0.1, 0.1])
+    for d in (0.25, 0.5, 0.75, 0.6):                                        # exactly int(d * numel) kept
+        assert int((lora_cat.magnitude_prune(tied, d) != 0).sum()) == int(d * tied.numel())
+    merged = lora_cat.ties([torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([-1.0])], [1, 1, 1], 1.0)
+    assert torch.allclose(merged, torch.tensor([2.0]))                      # sign +, mean of (1, 3)
+    t1, t2 = torch.tensor([4.0, -1.0, 2.0, 0.5]), torch.tensor([-3.0, 2.5, 1.0, -2.0])
+    # trim to 2 of 4: t1 -> [4, 0, 2, 0], t2 -> [-3, 2.5, 0, 0]; signs of the sum: + + + (0 -> +)
+    # disjoint mean of the weighted agreeing entries (weights 1, 0.5): [4/1, 1.25/1, 2/1, 0]
+    assert torch.allclose(lora_cat.ties([t1, t2], [1.0, 0.5], 0.5), torch.tensor([4.0, 1.25, 2.0, 0.0]))
+
+
+def test_lora_cat_dare_hand_computed():
+    t1, t2 = torch.randn(50, 40), torch.randn(50, 40)
+    lin = lora_cat.task_arithmetic([t1, t2], [1.0, 0.5])
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(lora_cat.dare_linear([t1, t2], [1.0, 0.5], 1.0, g), lin)   # density 1 = linear
+    one = lora_cat.dare_linear([t1], [1.0], 0.5, g)                        # each entry is 0 or t / 0.5
+    assert bool(((one == 0) | torch.isclose(one, 2 * t1)).all())
+    a = lora_cat.dare_linear([t1, t2], [1.0, 0.5], 0.75, torch.Generator().manual_seed(3))
+    b = lora_cat.dare_linear([t1, t2], [1.0, 0.5], 0.75, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)                                                # same seed, same result
+    x, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 3.0, -2.0])
+    g = torch.Generator().manual_seed(1)
+    mean = sum(lora_cat.dare_linear([x, y], [1.0, 1.0], 0.75, g) for _ in range(4000)) / 4000
+    assert torch.allclose(mean, x + y, rtol=0.03, atol=0.03)                # unbiased: E = linear merge
+
+
+def test_lora_cat_data_composes_the_skills():
+    maps = lora_cat.skill_maps()
+    dig, let = lora_cat.DIGITS, lora_cat.LETTERS
+    assert sorted(maps[dig].tolist()) == dig.tolist() and sorted(maps[let].tolist()) == let.tolist()
+    g = torch.Generator().manual_seed(0)
+    # the maps the skill generators use, read off their own examples
+    xa, ya, na, _ = lora_cat.sample_task("A", "skill_a", 2000, g, maps)
+    xb, yb, nb, _ = lora_cat.sample_task("A", "skill_b", 2000, g, maps)
+    gmap = {int(p): int(q) for p, q in zip(xa.flatten(), ya.flatten())}
+    hmap = {int(p): int(q) for p, q in zip(xb.flatten(), yb.flatten())}
+    assert len(gmap) == 10 and len(hmap) == 10
+    x, y, n, sep = lora_cat.sample_task("A", "composite", 500, g, maps)
+    for i in range(500):
+        k = int(n[i])
+        xs = x[i, :k].tolist()
+        assert y[i, :k].tolist() == [gmap[t] if t in gmap else hmap[t] for t in xs]
+        assert sum(t in gmap for t in xs) == k // 2                         # never a pure-digit prompt
+        assert sum(t in hmap for t in xs) == k - k // 2
+    assert bool((sep == lora_cat.EQ).all())
+    # design B: skill B reverses letters behind '>'; composite = reverse(g(digits)) behind '>'
+    xb, yb, nb, sb = lora_cat.sample_task("B", "skill_b", 300, g, maps)
+    xc, yc, nc, sc = lora_cat.sample_task("B", "composite", 300, g, maps)
+    _, _, _, sa = lora_cat.sample_task("B", "skill_a", 300, g, maps)
+    for i in range(300):
+        kb, kc = int(nb[i]), int(nc[i])
+        assert yb[i, :kb].tolist() == xb[i, :kb].tolist()[::-1]
+        assert yc[i, :kc].tolist() == [gmap[t] for t in xc[i, :kc].tolist()][::-1]
+        assert all(t in gmap for t in xc[i, :kc].tolist())
+    assert bool((sa == lora_cat.EQ).all() and (sb == lora_cat.GT).all() and (sc == lora_cat.GT).all())
+
+
+def test_lora_cat_sequence_layout():
+    x, y = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 12, 13, 14, 15, 16]])
+    inp, tgt = lora_cat.to_sequences(x, y, torch.tensor([3]), torch.tensor([lora_cat.EQ]))
+    seq = inp[0].tolist() + [tgt[0, -1].item()]
+    # <bos> 0 1 2 = 6 7 8 ; <pad>...
+    assert inp[0, :9].tolist() == [1, 5, 6, 7, 3, 11, 12, 13, 2]
+    assert bool((inp[0, 9:] == lora_cat.PAD).all())
+    assert tgt[0].tolist() == [-100, -100, -100, -100, 11, 12, 13, 2] + [-100] * 6
+    assert len(seq) == 15
+
+
+def test_lora_cat_bad_config():
+    with pytest.raises(ValueError):
+        lora_cat.Config(designs=("C",))
+    with pytest.raises(ValueError):
+        lora_cat.Config(n_embd=30, n_head=4)
+
+
+def test_lora_cat_matches_peft_merge_utils():
+    mu = pytest.importorskip("peft.utils.merge_utils")
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(6, 5, generator=g) for _ in range(2)]
+    w = torch.tensor([0.8, 1.2])
+    assert torch.allclose(lora_cat.task_arithmetic(ts, w.tolist()), mu.task_arithmetic(ts, w), atol=1e-6)
+    assert torch.allclose(lora_cat.ties(ts, w.tolist(), 0.6), mu.ties(ts, w, 0.6), atol=1e-6)
+    assert torch.allclose(lora_cat.dare_linear(ts, w.tolist(), 1.0, g), mu.dare_linear(ts, w, 1.0), atol=1e-6)
 
 
 # ======================================================================

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import icl_markov
 import collections
 import moe
+import linear_ntp
 import random
 import turing_programs as tp
 import shampoo
@@ -772,6 +773,221 @@ def test_moe_bad_config():
         moe.Config(graph_edges=1000)
     with pytest.raises(ValueError):
         moe.Config(graph_task="maze")
+
+
+# ======================================================================
+# linear_ntp.py
+# ======================================================================
+
+def test_linear_ntp_smoke(tmp_path):
+    cfg = common.config_from_preset(linear_ntp.Config, linear_ntp.PRESETS, "smoke", out=str(tmp_path), device="cpu")
+    m = linear_ntp.run(cfg)
+    for kind in ("mlp", "linear", "gpt"):
+        for tag in ("cot", "nocot"):
+            v = m[f"mult_acc/{kind}/{tag}"]
+            assert 0.0 <= v <= 1.0
+    for tag in ("cot", "nocot", "xor"):
+        assert 0.0 <= m[f"parity_acc/linear/{tag}"] <= 1.0
+    # every CoT step is a linear threshold: even the smoke run learns parity with CoT, far above chance
+    assert m["parity_acc/linear/cot"] >= 0.9
+    # the CoT's expansion / digit-product tokens are learned by the MLP even in 40 steps (chance ~1/117)
+    assert m["mult_tf/mlp/expansion"] > 0.3
+    for k in ("linear", "gpt", "unigram", "bigram"):
+        assert math.isfinite(m[f"text_ppl/{k}"])
+    # the linear model beats a unigram model on held-out text
+    assert m["text_ppl/linear"] < m["text_ppl/unigram"]
+    assert (tmp_path / "linear_ntp.json").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_linear_ntp_cot_answer_is_product(n):
+    lo, hi = linear_ntp.operand_range(n)
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randint(lo, hi, (200,), generator=g), torch.randint(lo, hi, (200,), generator=g)
+    x, seg = linear_ntp.mult_batch(a, b, n, cot=True)
+    assert x.shape[1] == {1: 28, 2: 77, 3: 166, 4: 307}[n]
+    tok = linear_ntp.MTOK
+    for i in range(0, 200, 7):
+        words = tok.decode(x[i]).split()
+        assert words == linear_ntp.cot_text(int(a[i]), int(b[i]), n).split()   # batched == reference
+        parts = " ".join(words).split(" = ")
+        # prompt, expansion, digit products, partial products, answer
+        assert len(parts) == 5
+        partials = [int("".join(p.split())) for p in parts[3].split(" + ")]
+        assert sum(partials) == int(a[i]) * int(b[i])
+        assert int("".join(parts[4].split())) == int(a[i]) * int(b[i])
+        # the expansion reconstructs a and b
+        for factor, v in zip(parts[1].split(" ) x ( "), (a[i], b[i])):
+            terms = factor.strip("( )").split(" + ")
+            assert sum(int(t.split(" x ")[0]) * int("".join(t.split(" x ")[1].split())) for t in terms) == int(v)
+    ans = x[:, seg == 4] - tok["0"]
+    val = (ans * 10 ** torch.arange(ans.shape[1] - 1, -1, -1)).sum(1)
+    assert torch.equal(val, a * b)
+    y, _ = linear_ntp.mult_batch(a, b, n, cot=False)
+    assert torch.equal(y[:, -ans.shape[1]:], x[:, -ans.shape[1]:])
+
+
+def test_linear_ntp_official_strings():
+    # token-for-token the official builder's output (emalach/LinearLM ProductDataset._nums_to_text)
+    ref = ("[BOS] 1 1 1 8 x 9 9 9 8 = ( 8 x 1 + 1 x 1 0 + 1 x 1 0 0 + 1 x 1 0 0 0 ) x ( 8 x 1 + 9 x 1 0 + "
+           "9 x 1 0 0 + 9 x 1 0 0 0 ) = 8x8 x 1 x 1 + 8x9 x 1 x 1 0 + 8x9 x 1 x 1 0 0 + 8x9 x 1 x 1 0 0 0 + "
+           "1x8 x 1 0 x 1 + 1x9 x 1 0 x 1 0 + 1x9 x 1 0 x 1 0 0 + 1x9 x 1 0 x 1 0 0 0 + 1x8 x 1 0 0 x 1 + "
+           "1x9 x 1 0 0 x 1 0 + 1x9 x 1 0 0 x 1 0 0 + 1x9 x 1 0 0 x 1 0 0 0 + 1x8 x 1 0 0 0 x 1 + "
+           "1x9 x 1 0 0 0 x 1 0 + 1x9 x 1 0 0 0 x 1 0 0 + 1x9 x 1 0 0 0 x 1 0 0 0 = 6 4 + 7 2 0 + 7 2 0 0 + "
+           "7 2 0 0 0 + 0 8 0 + 0 9 0 0 + 0 9 0 0 0 + 0 9 0 0 0 0 + 0 8 0 0 + 0 9 0 0 0 + 0 9 0 0 0 0 + "
+           "0 9 0 0 0 0 0 + 0 8 0 0 0 + 0 9 0 0 0 0 + 0 9 0 0 0 0 0 + 0 9 0 0 0 0 0 0 = 1 1 1 7 7 7 6 4")
+    assert linear_ntp.cot_text(1118, 9998, 4) == ref
+    x, _ = linear_ntp.mult_batch(torch.tensor([1118]), torch.tensor([9998]), 4)
+    assert linear_ntp.MTOK.decode(x[0]) == ref and x.shape[1] == 307
+    assert linear_ntp.cot_text(23, 41, 2, cot=False) == "[BOS] 2 3 x 4 1 = 0 9 4 3"
+
+
+def test_linear_ntp_split():
+    n = 2
+    lo, hi = linear_ntp.operand_range(n)
+    a, b = torch.meshgrid(torch.arange(lo, hi), torch.arange(lo, hi), indexing="ij")
+    tr = linear_ntp.is_train_pair(a.flatten(), b.flatten(), n, seed=3)
+    N = (hi - lo) ** 2
+    assert abs(tr.float().mean().item() - 0.75) <= 1 / N + 1e-9
+    g = torch.Generator().manual_seed(0)
+    ta, tb = linear_ntp.sample_pairs(500, n, "train", g, seed=3)
+    va, vb = linear_ntp.heldout_pairs(300, n, seed=3)
+    assert linear_ntp.is_train_pair(ta, tb, n, 3).all() and not linear_ntp.is_train_pair(va, vb, n, 3).any()
+    assert len(set(zip(va.tolist(), vb.tolist()))) == 300
+
+
+def _models(T=12, d=4, V=9):
+    torch.manual_seed(0)
+    return [linear_ntp.LinearNTP(V, T, d, mlp=m) for m in (False, True)]
+
+
+def test_linear_ntp_causal_and_padding():
+    for model in _models():
+        x = torch.randint(0, 9, (5, 12))
+        base = model(x)[0]
+        for j in (0, 4, 11):
+            x2 = x.clone()
+            x2[:, j] = (x2[:, j] + 1) % 9
+            out = model(x2)[0]
+            assert torch.equal(out[:, :j], base[:, :j])       # exactly unchanged before j
+            assert not torch.allclose(out[:, j], base[:, j])  # position j sees x_j (diagonal block)
+        for k in (1, 5, 12):
+            assert torch.allclose(model(x[:, :k])[0], base[:, :k], atol=1e-6)
+
+
+def test_linear_ntp_mask_structure_and_counts():
+    model = _models(T=6, d=3)[0]
+    Wm = model.masked_weight().view(6, 3, 6, 3)
+    W = model.W.view(6, 3, 6, 3)
+    for t in range(6):
+        for s in range(6):
+            if s > t:
+                assert (Wm[t, :, s] == 0).all()
+            else:
+                assert torch.equal(Wm[t, :, s], W[t, :, s])
+    assert linear_ntp.masked_block_params(307, 128) == 774_602_752     # the paper's 775M MLP
+    assert linear_ntp.masked_block_params(64, 256) == 136_314_880      # TinyStories linear (+ embeddings)
+    V = 9
+    assert model.num_params() == 6 * 7 // 2 * 9 + V * 3 + (3 * V + V)
+    assert model.num_params(effective=False) == (6 * 3) ** 2 + V * 3 + (3 * V + V)
+
+
+def test_linear_ntp_is_linear_in_one_hot_context():
+    lin, mlp = _models(T=10, d=5, V=7)
+    torch.manual_seed(1)
+    X = [torch.nn.functional.one_hot(torch.randint(0, 7, (3, 10)), 7).float() for _ in range(3)]
+    w = torch.tensor([0.5, 0.3, 0.2])                                   # affine combination (sums to 1)
+    f = lambda m, oh: m.forward_embedded(oh @ m.emb.weight)
+    for m, linear in ((lin, True), (mlp, False)):
+        lhs = f(m, sum(wi * Xi for wi, Xi in zip(w, X)))
+        rhs = sum(wi * f(m, Xi) for wi, Xi in zip(w, X))
+        assert torch.allclose(lhs, rhs, atol=1e-5) == linear            # superposition: only the linear one
+    # logits(x) - logits(x') for x, x' differing at j equals Out W[t,j] (Emb[x_j] - Emb[x'_j]) for t >= j
+    x = torch.randint(0, 7, (1, 10))
+    x2 = x.clone()
+    j = 3
+    x2[0, j] = (x[0, j] + 2) % 7
+    diff = lin(x)[0] - lin(x2)[0]
+    Wv = lin.W.view(10, 5, 10, 5)
+    de = lin.emb.weight[x[0, j]] - lin.emb.weight[x2[0, j]]
+    for t in range(j, 10):
+        assert torch.allclose(diff[0, t], lin.out.weight @ (Wv[t, :, j] @ de), atol=1e-5)
+
+
+def test_linear_ntp_incremental_generate_matches_full_forward():
+    for model in _models():
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, 9, (4, 3), generator=g)
+        out = model.generate(prompt, 20)
+        assert out.shape == (4, 12)                                        # capped at T
+        assert torch.equal(out[:, :3], prompt)
+        logits = model(out)[0]
+        assert torch.equal(logits[:, 2:-1].argmax(-1), out[:, 3:])        # each token = full-forward argmax
+
+
+def test_linear_ntp_parity_cot_steps():
+    g = torch.Generator().manual_seed(0)
+    n = 9
+    bits = torch.randint(0, 2, (300, n), generator=g)
+    for mode, T in (("nocot", n + 3), ("xor", 2 * n + 2), ("cot", 3 * n + 2)):
+        x = linear_ntp.parity_batch(bits, mode)
+        assert x.shape == (300, T)
+        assert torch.equal(x[:, 1:n + 1] - 2, bits)
+        assert torch.equal(x[:, -1] - 2, bits.sum(1) % 2)                  # last token = parity
+    x = linear_ntp.parity_batch(bits, "cot")[:, n + 2:] - 2
+    c, p = x[:, 0::2], x[:, 1::2]
+    prev = 0 * p[:, 0]
+    for k in range(n):
+        assert torch.equal(c[:, k], bits[:, k] * prev)                     # c_k = x_k AND p_{k-1}
+        assert torch.equal(p[:, k], bits[:, k] + prev - 2 * c[:, k])       # p_k = x_k XOR p_{k-1}
+        assert torch.equal(p[:, k], bits[:, :k + 1].sum(1) % 2)
+        prev = p[:, k]
+    assert linear_ntp.PTOK.decode(linear_ntp.parity_batch(torch.tensor([[1, 1, 0]]), "cot")[0]) == \
+        "[BOS] 1 1 0 = 0 1 1 0 0 0"
+
+
+def test_linear_ntp_oracle_and_random_decode():
+    """Scoring path: a model that replays the ground truth scores 100%, a random model ~0%."""
+    n = 2
+    a, b = linear_ntp.heldout_pairs(100, n, seed=0)
+    x, _ = linear_ntp.mult_batch(a, b, n)
+
+    class Oracle(linear_ntp.LinearNTP):
+        def forward(self, idx, targets=None):                            # look up each prefix's true next token
+            B, t = idx.shape
+            rows = (idx[:, None, :n * 2 + 3] == x[None, :, :n * 2 + 3]).all(-1).float().argmax(1)
+            nxt = torch.cat([x[rows, 1:t + 1], torch.zeros(B, max(0, t + 1 - x.shape[1]), dtype=torch.long)], 1)
+            return torch.nn.functional.one_hot(nxt[:, :t], len(linear_ntp.MULT_VOCAB)).float(), None
+
+        @torch.no_grad()
+        def generate(self, idx, max_new_tokens, **kw):
+            for _ in range(max_new_tokens):
+                idx = torch.cat([idx, self(idx)[0][:, -1].argmax(-1, keepdim=True)], 1)
+            return idx
+
+    res = linear_ntp.eval_mult(Oracle(len(linear_ntp.MULT_VOCAB), x.shape[1], 2, mlp=False), a, b, n, True)
+    assert res["exact"] == 1.0 and res["whole_cot"] == 1.0 and res["tf/answer"] == 1.0
+    torch.manual_seed(0)
+    rnd = linear_ntp.LinearNTP(len(linear_ntp.MULT_VOCAB), x.shape[1], 4, mlp=True)
+    assert linear_ntp.eval_mult(rnd, a, b, n, True)["exact"] <= 0.05
+
+
+def test_linear_ntp_bad_sizes():
+    with pytest.raises(ValueError):
+        linear_ntp.Config(ndigits=0)
+    with pytest.raises(ValueError):
+        linear_ntp.Config(gpt_embd=30, gpt_heads=4)
+    with pytest.raises(ValueError):
+        linear_ntp.Config(data="/nonexistent/file.txt")
+
+
+def test_linear_ntp_blocked_forward_equals_official_dense():
+    """forward_embedded's row-block computation == the official F.linear(x, W*mask) on the whole matrix."""
+    for T in (5, 12, 33):
+        for model in _models(T=T, d=4):
+            e = torch.randn(3, T, 4)
+            dense = torch.nn.functional.linear(e.reshape(3, -1), model.masked_weight()).view(3, T, 4)
+            assert torch.allclose(model.forward_embedded(e), model.readout(dense), atol=1e-5)
 
 
 # ======================================================================

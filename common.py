@@ -396,7 +396,8 @@ class GPT(nn.Module):
     forward(idx, targets=None, loss_mask=None, *, attn_mask=None, pos=None, cache=None, return_hidden=False)
       idx (B, T) ids; targets (B, T) ids with -100 = ignored; loss_mask (B, T) 0/1 weights.
       attn_mask: optional bool (T, T) or (B, T, T), True = may attend, combined with the causal mask.
-      pos: optional (T,) position ids for the learned table (default: cache offset + arange(T)).
+      pos: optional (T,) or (B, T) position ids for the learned table (default: cache offset + arange(T));
+           rope takes (T,) only. The causal mask always follows the sequence order.
       cache: a list from new_cache(); the forward appends keys/values to it (incremental decoding).
       returns (logits, loss) or (logits, loss, hidden) where hidden = [embedding out, block 1 out, ...].
     """

@@ -362,13 +362,8 @@ def prefix_for(sans, trailing_space=True) -> str:
 
 
 def forward_tree(model: common.GPT, idx, pos, allowed):
-    """GPT forward with per-row position ids (B, L) and a per-row boolean mask (B, L, L), True = may attend.
-    (common.GPT.forward takes one (T,) pos vector for the whole batch, so the embedding is done here.)"""
-    x = model.wte(idx) + model.wpe(pos)                                       # (B, L, C)
-    bias = torch.zeros(allowed.shape, device=idx.device).masked_fill(~allowed, float("-inf"))[:, None]
-    for block in model.blocks:
-        x = block(x, bias, None)                                              # bias (B, 1, L, L)
-    return model.lm_head(model.ln_f(x))                                       # (B, L, V)
+    """GPT forward with per-row position ids (B, L) and a per-row boolean mask (B, L, L), True = may attend."""
+    return model(idx, pos=pos, attn_mask=allowed)[0]                         # (B, L, V)
 
 
 @torch.no_grad()

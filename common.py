@@ -526,8 +526,12 @@ def count_params(model: nn.Module) -> int:
 
 
 def configure_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    no_decay=("A_log", "D")):
-    """AdamW with decay on >=2-D weights only (not norms, biases, or names ending in `no_decay`)."""
+                    no_decay=("A_log", "D"), fused=None):
+    """AdamW with decay on >=2-D weights only (not norms, biases, or names ending in `no_decay`).
+
+    fused: None = the fused kernel on CUDA only; True = also on CPU (worth it when one huge matrix makes
+    the unfused step cost as much as the forward pass), falling back where torch has no such kernel.
+    """
     decay, other, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -536,8 +540,14 @@ def configure_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, beta
         skip = p.dim() < 2 or any(name.endswith(s) for s in no_decay)
         (other if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    kw = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **kw)
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, TypeError):  # no fused kernel for this device / torch version
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine", min_frac: float = 0.1):
@@ -587,7 +597,6 @@ def train(model, get_batch, *, steps, lr, device, warmup=100, schedule="cosine",
     hist = {"step": [], "loss": [], "lr": [], "eval": []}
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=desc, disable=True if (quiet or rank != 0) else None, mininterval=2, dynamic_ncols=True)
-    ema = None
     for step in bar:
         cur_lr = lr_at(step, steps, lr, warmup, schedule, min_lr_frac)
         for g in opt.param_groups:
@@ -605,7 +614,6 @@ def train(model, get_batch, *, steps, lr, device, warmup=100, schedule="cosine",
         opt.step()
         if step % log_every == 0 or step == steps - 1:
             lv = loss.item()
-            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
             hist["step"].append(step)
             hist["loss"].append(lv)
             hist["lr"].append(cur_lr)

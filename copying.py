@@ -177,13 +177,10 @@ def sample_unique_ngram_starts(x, lens, vocab, n, after, gen, tries=10):
 
     Rows with no such n-gram are resampled (the official code retries 10 times too). Returns (x, t).
     """
-    B, W = x.shape
     dev = x.device
+    npos = x.shape[1] - n + 1
     for _ in range(tries):
-        npos = W - n + 1
-        h = torch.zeros(B, npos, dtype=torch.long, device=dev)
-        for i in range(n):  # base-V hash of each n-gram
-            h = h * 64 + x[:, i:i + npos]
+        h = ngram_hashes(x, n)                                           # (B, npos)
         valid = torch.arange(npos, device=dev)[None, :] <= (lens[:, None] - n)
         same = (h[:, :, None] == h[:, None, :]) & valid[:, None, :] & valid[:, :, None]
         unique = same.sum(-1) == 1
@@ -474,7 +471,7 @@ def greedy_answer(model, ids, scored):
 
 
 def ngram_hashes(x, n):
-    """(B, L) -> (B, L-n+1) integer code of each n-gram x[t:t+n]."""
+    """(B, L) -> (B, L-n+1) integer code of each n-gram x[t:t+n] (base 64: exact for ids < 64, n <= 10)."""
     npos = x.shape[1] - n + 1
     h = torch.zeros(x.shape[0], npos, dtype=torch.long, device=x.device)
     for i in range(n):
@@ -498,11 +495,10 @@ def ngram_copy_oracle(x, n):
     return torch.cat([x[:, :n], x.gather(1, first + n)], 1)
 
 
-def p_repeated_ngram(L, D, n, trials, gen):
-    """Monte-Carlo probability that a uniform x in D^L has some repeated n-gram."""
-    x = torch.randint(0, D, (trials, L), generator=gen)
+def has_repeated_ngram(x, n):
+    """(B, L) -> (B,) bool: some n-gram occurs twice in the row (p_rep is its mean over uniform x)."""
     h = ngram_hashes(x, n).sort(1).values
-    return (h[:, 1:] == h[:, :-1]).any(1).float().mean().item()
+    return (h[:, 1:] == h[:, :-1]).any(1)
 
 
 def ngram_bound(L, D, n):
@@ -528,8 +524,7 @@ def hash_copy_table(cfg: Config, gen):
     out = {}
     x = torch.randint(0, cfg.vocab, (cfg.hash_trials, cfg.hash_len), generator=gen)
     for n in cfg.hash_ns:  # p_rep on the same strings, so fail <= p_rep holds string by string
-        h = ngram_hashes(x, n).sort(1).values
-        p_rep = (h[:, 1:] == h[:, :-1]).any(1).float().mean().item()
+        p_rep = has_repeated_ngram(x, n).float().mean().item()
         acc = (ngram_copy_oracle(x, n) == x).all(1).float().mean().item()
         out[n] = (acc, p_rep, ngram_bound(cfg.hash_len, cfg.vocab, n))
     return out

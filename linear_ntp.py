@@ -447,24 +447,13 @@ def greedy_complete(model, prompt, total):
     return model.generate(prompt, total - prompt.shape[1], greedy=True)
 
 
-def adamw(model, lr, weight_decay):
-    """AdamW (betas as the official HF defaults), decay on >=2-D weights. fused=True also on CPU: the
-    (T*d)^2 matrix makes the unfused optimizer step cost as much as the forward pass there."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
-    except (RuntimeError, TypeError):  # older torch: no fused CPU kernel
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-
-
 def fit(model, get_batch, steps, lr, cfg, desc, schedule="linear", warmup=1, eval_fn=None, eval_every=0):
     model.to(cfg.device)
+    # HF's default betas; the fused step also on CPU, where the (T*d)^2 matrix makes the unfused one slow
+    opt = common.configure_adamw(model, lr, cfg.weight_decay, betas=(0.9, 0.999), fused=True)
     return common.train(model, get_batch, steps=steps, lr=lr, device=cfg.device, warmup=warmup,
-                        schedule=schedule, optimizer=adamw(model, lr, cfg.weight_decay), grad_clip=1.0,
-                        compile=cfg.compile, desc=desc, log_every=25, cfg=cfg, eval_fn=eval_fn,
-                        eval_every=eval_every)
+                        schedule=schedule, optimizer=opt, grad_clip=1.0, compile=cfg.compile, desc=desc,
+                        log_every=25, cfg=cfg, eval_fn=eval_fn, eval_every=eval_every)
 
 # -----------------------------------------------------------------------------
 # Evaluation

@@ -15,14 +15,17 @@ exact-match accuracy of 13 methods on skill A, skill B and the composite, then t
   design A (composite = both skills inside one answer): CAT with the paper's free weights composes well
            above every other merge and both single LoRAs (seed 0: 0.660 vs 0.502 for the best other merge
            and <= 0.033 for a single LoRA). DATA-MIX also composes here (0.723): the maps are token-local;
-  design B (composite = an input/format pairing never seen in the skill data): DATA-MIX does not compose
-           (0.033) and merges in weight space do better (CAT 0.135), the paper's "merging beats data
-           mixing", at low absolute accuracy.
+  design B (composite = an input/format pairing never seen in the skill data; strings of 2-4 tokens):
+           each skill LoRA learns its skill (LoRA B reversal 1.000 at seeds 0-2), DATA-MIX does not compose
+           (composite 0.067 +- 0.023 over seeds 0-2) and the best weight-space merge does better (TIES-dW
+           0.290 +- 0.361, CAT free 0.112 +- 0.069), the paper's "merging beats data mixing"; but how far
+           the merges compose varies a lot by seed (best merge 0.058 / 0.152 / 0.700 vs DATA-MIX
+           0.048 / 0.060 / 0.092), and CAT is not the best merge in design B.
 Width matters: at d=64 each LoRA learns its skill but every merge collapses (CAT 0.15, sum 0.06 on design A).
 
 Run:
   python lora_cat.py --preset smoke      # seconds, what pytest runs
-  python lora_cat.py                     # quick preset on CPU (about 4.5 minutes, one thread)
+  python lora_cat.py                     # quick preset on CPU (about 5 minutes, one thread)
   python lora_cat.py --device cuda       # full preset: d=256, 4 layers, 5 seeds (about 25 min on an H100, estimated)
 
 Glossary (ours -> paper):
@@ -67,7 +70,8 @@ class Config(common.BaseConfig):
     n_embd: int = 128           # width d (d=64 works for each skill but the merges collapse: see README)
     n_layer: int = 2            # transformer blocks
     n_head: int = 4             # attention heads
-    max_len: int = 6            # longest prompt / answer (n in [2, max_len])
+    max_len: int = 6            # longest prompt / answer in design A (n in [2, max_len])
+    max_len_b: int = 4          # the same in design B (a LoRA learns reversal of n <= 6 in some seeds only)
     batch: int = 64             # sequences per step (every phase)
     # base pretraining on the generic mixture (copying)
     pretrain_steps: int = 800   # AdamW steps
@@ -78,8 +82,10 @@ class Config(common.BaseConfig):
     # skill LoRAs (design A uses rank/lora_steps, design B rank_b/lora_steps_b)
     rank: int = 4               # LoRA rank r in design A
     lora_steps: int = 400       # steps per skill LoRA in design A; DATA-MIX gets twice as many
-    rank_b: int = 8             # LoRA rank r in design B
-    lora_steps_b: int = 600     # steps per skill LoRA in design B; DATA-MIX gets twice as many
+    rank_b: int = 4             # LoRA rank r in design B
+    lora_steps_b: int = 1000    # steps per skill LoRA in design B; DATA-MIX gets twice as many
+    lora_lr_b: float = 5e-3     # LoRA learning rate in design B (skill LoRAs and DATA-MIX)
+    lora_clip_b: float = 1.0    # gradient-norm clip of design B's LoRA training (0 = off)
     alpha_ratio: float = 2.0    # lora_alpha = alpha_ratio * r (paper: r=32, alpha=64)
     a_init: str = "peft"        # LoRA A init: peft (kaiming-uniform, what the paper ran) | normal (N(0, 1/in))
     lora_lr: float = 3e-3       # LoRA learning rate
@@ -96,8 +102,8 @@ class Config(common.BaseConfig):
         self.designs = tuple(d.upper() for d in self.designs)
         if not self.designs or any(d not in ("A", "B") for d in self.designs):
             raise ValueError(f"designs must be a subset of A,B (got {','.join(self.designs)})")
-        if not 2 <= self.max_len <= 20:
-            raise ValueError("max_len must be in [2, 20]")
+        if not 2 <= self.max_len <= 20 or not 2 <= self.max_len_b <= 20:
+            raise ValueError("max_len and max_len_b must be in [2, 20]")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if min(self.n_layer, self.batch, self.rank, self.rank_b, self.pretrain_steps, self.lora_steps,
@@ -115,10 +121,10 @@ class Config(common.BaseConfig):
 
 PRESETS = {
     "smoke": dict(n_embd=32, n_layer=1, pretrain_steps=200, pretrain_lr=1e-2, lora_steps=150, lora_steps_b=150,
-                  lora_lr=1e-2, warmup=10, eval_n=64, cat_frac=0.1),
+                  lora_lr=1e-2, lora_lr_b=1e-2, warmup=10, eval_n=64, cat_frac=0.1),
     "quick": dict(),
     "full": dict(n_embd=256, n_layer=4, n_head=8, batch=256, pretrain_steps=5000, warmup=200, rank=8,
-                 lora_steps=1000, lora_steps_b=1000, pretrain_lr=1e-3, lora_lr=1e-3, seeds=5),
+                 lora_steps=1000, lora_steps_b=1000, pretrain_lr=1e-3, lora_lr=1e-3, lora_lr_b=2e-3, seeds=5),
 }
 
 # -----------------------------------------------------------------------------
@@ -455,18 +461,21 @@ MERGES = ["sum", "uniform", "linear_ab", "ties_ab", "dare_ab", "ties_dw", "dare_
 
 
 def run_design(cfg: Config, design: str, seed: int, device) -> tuple[dict, dict]:
-    r, skill_steps = (cfg.rank, cfg.lora_steps) if design == "A" else (cfg.rank_b, cfg.lora_steps_b)
+    if design == "A":
+        r, skill_steps, lora_lr, lora_clip, max_len = cfg.rank, cfg.lora_steps, cfg.lora_lr, cfg.grad_clip, cfg.max_len
+    else:
+        r, skill_steps, lora_lr, lora_clip, max_len = cfg.rank_b, cfg.lora_steps_b, cfg.lora_lr_b, cfg.lora_clip_b, cfg.max_len_b
     alpha = cfg.alpha_ratio * r
     maps = skill_maps()
     gen = lambda k: torch.Generator().manual_seed(1000 * seed + k)     # data streams: 1 pretrain, 2 LoRA, 3 CAT, 7 eval
     train_kw = dict(device=device, schedule="cosine", min_lr_frac=0.0, weight_decay=0.0, betas=(0.9, 0.999),
                     grad_clip=cfg.grad_clip, compile=cfg.compile, quiet=cfg.preset == "smoke", log_every=25)
-    batches = lambda tasks, g: batch_fn(design, tasks, cfg.batch, g, maps, cfg.max_len, device)
+    batches = lambda tasks, g: batch_fn(design, tasks, cfg.batch, g, maps, max_len, device)
     hist, t0 = {}, time.time()
 
     # 1. base model pretrained on the generic mixture (copying)
     torch.manual_seed(seed)
-    gcfg = common.GPTConfig(vocab_size=len(VOCAB), block_size=2 * cfg.max_len + 2, n_layer=cfg.n_layer,
+    gcfg = common.GPTConfig(vocab_size=len(VOCAB), block_size=2 * max_len + 2, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, n_embd=cfg.n_embd, pos="learned")
     base = common.GPT(gcfg)
     nn.init.normal_(base.wte.weight, 0.0, cfg.emb_std)
@@ -481,8 +490,8 @@ def run_design(cfg: Config, design: str, seed: int, device) -> tuple[dict, dict]
     for k, (name, tasks, steps) in enumerate((("lora_a", ["skill_a"], skill_steps), ("lora_b", ["skill_b"], skill_steps),
                                               ("data_mix", ["skill_a", "skill_b"], 2 * skill_steps))):
         m = add_lora(base, 1, r, alpha, seed=1000 * seed + 20 + k, a_init=cfg.a_init)  # each LoRA its own A init
-        hist[name] = common.train(m, batches(tasks, gen(2)), steps=steps, lr=cfg.lora_lr, warmup=cfg.warmup,
-                                  desc=f"{design} {name}", **train_kw)["loss"]
+        hist[name] = common.train(m, batches(tasks, gen(2)), steps=steps, lr=lora_lr, warmup=cfg.warmup,
+                                  desc=f"{design} {name}", **{**train_kw, "grad_clip": lora_clip})["loss"]
         loras[name] = lora_state(m)
     pair, s = [loras["lora_a"], loras["lora_b"]], alpha / r
 
@@ -515,8 +524,8 @@ def run_design(cfg: Config, design: str, seed: int, device) -> tuple[dict, dict]
 
     # 5. evaluate every method as a merged model W0 + Delta W on the three tasks
     g_eval = gen(7)
-    evals = {t: make_eval_set(design, t, cfg.eval_n, g_eval, maps, cfg.max_len) for t in TASKS}
-    acc = {"base/copy": accuracy(base, make_eval_set(design, "copy", cfg.eval_n, g_eval, maps, cfg.max_len), device)}
+    evals = {t: make_eval_set(design, t, cfg.eval_n, g_eval, maps, max_len) for t in TASKS}
+    acc = {"base/copy": accuracy(base, make_eval_set(design, "copy", cfg.eval_n, g_eval, maps, max_len), device)}
     for meth in METHODS:
         model = with_delta(base, deltas[meth])
         for t in TASKS:
@@ -524,6 +533,7 @@ def run_design(cfg: Config, design: str, seed: int, device) -> tuple[dict, dict]
     for k, (lo, hi) in cat_info.items():
         acc[f"{k}/weight_min"], acc[f"{k}/weight_max"] = lo, hi
     acc["time_s"] = time.time() - t0
+    hist["acc"] = dict(acc)                                                # per-seed numbers in the JSON
     return acc, hist
 
 

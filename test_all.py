@@ -1944,6 +1944,8 @@ def test_lora_cat_bad_config():
         lora_cat.Config(designs=("C",))
     with pytest.raises(ValueError):
         lora_cat.Config(n_embd=30, n_head=4)
+    with pytest.raises(ValueError):
+        lora_cat.Config(max_len_b=1)
 
 
 def test_lora_cat_matches_peft_merge_utils():

@@ -23,8 +23,7 @@ Glossary (ours -> paper / official code)
     cot / nocot   the paper's CoT format / our answer-only control `[BOS] a x b = p`
     length complexity   number of CoT tokens; the parity demo compares 0, n and 2n CoT tokens
 
-Quick, measured (2-core CPU, 2 threads, sharing the machine with another job: 714 s; 100 MLP steps take 19 s
-on the idle machine, so about 9 min idle): held-out exact match MLP CoT 0.803 vs answer-only 0.165 (2000
+Quick, measured (idle 2-core CPU, 2 threads: 687 s, over the 10-min target; --mlp-steps 1600 is faster): held-out exact match MLP CoT 0.803 vs answer-only 0.165 (2000
 steps, batch 64, lr 1e-2); linear CoT 0.029 vs 0.026; GPT 0.065 vs 0.036. Every CoT token before the answer
 is learned (teacher-forced 100%); the final multi-operand sum is the slow part. At the paper-like lr 2e-3 and
 batch 128 the same MLP reached only 0.11 in 1000 steps: lr 1e-2 with batch 64 learned the sum ~8x faster.

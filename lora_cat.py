@@ -13,14 +13,16 @@ model merges by 43% and data mixing (one LoRA on both skills' data) by 12% on GS
 The quick preset (a 0.4M-parameter GPT, d=128, trained here from scratch) prints, for two toy designs, the
 exact-match accuracy of 13 methods on skill A, skill B and the composite, then the paper-vs-ours table:
   design A (composite = both skills inside one answer): CAT with the paper's free weights composes well
-           above every other merge and both single LoRAs (seed 0: 0.660 vs 0.502 for the best other merge
-           and <= 0.033 for a single LoRA). DATA-MIX also composes here (0.723): the maps are token-local;
-  design B (composite = an input/format pairing never seen in the skill data; strings of 2-4 tokens):
-           each skill LoRA learns its skill (LoRA B reversal 1.000 at seeds 0-2), DATA-MIX does not compose
-           (composite 0.067 +- 0.023 over seeds 0-2) and the best weight-space merge does better (TIES-dW
-           0.290 +- 0.361, CAT free 0.112 +- 0.069), the paper's "merging beats data mixing"; but how far
-           the merges compose varies a lot by seed (best merge 0.058 / 0.152 / 0.700 vs DATA-MIX
-           0.048 / 0.060 / 0.092), and CAT is not the best merge in design B.
+           above every other merge and both single LoRAs (seed 0: 0.907 vs 0.660 for the best other merge
+           and <= 0.033 for a single LoRA). DATA-MIX also composes here (1.000): the maps are token-local;
+  design B (composite = skill A's map in skill B's format, a pairing never in the skill data; the base's
+           generic mixture also reverses strings behind '<', so skill B only teaches that '>' asks for it):
+           DATA-MIX learns both skills but not the composite (0.120 at seed 0) and weight-space merges
+           compose (TIES-dW 0.652, sum 0.510): the paper's "merging beats data mixing". CAT is not the best
+           merge in design B (0.145): its weights are fit to the skill data, where the adapters conflict.
+           Over seeds 0-4 (`--designs B --seeds 5`) the gap varies: best merge 0.652 / 0.290 / 0.175 / 0.217 /
+           0.077 vs DATA-MIX 0.120 / 0.025 / 0.107 / 0.168 / 0.085 (clear at seeds 0-1, within noise at 2-3,
+           lost at 4); merges compose only when skill B's reversal carries over to digits (a printed probe).
 Width matters: at d=64 each LoRA learns its skill but every merge collapses (CAT 0.15, sum 0.06 on design A).
 
 Run:
@@ -65,13 +67,13 @@ import common
 
 @dataclass
 class Config(common.BaseConfig):
-    designs: tuple[str, ...] = ("A", "B")  # A: both skills in one answer; B: composite = f(g(x)) in a new format
+    designs: tuple[str, ...] = ("A", "B")  # A: both skills in one answer; B: skill A's map in skill B's format
     # model (common.GPT, learned positions, pre-LN)
     n_embd: int = 128           # width d (d=64 works for each skill but the merges collapse: see README)
     n_layer: int = 2            # transformer blocks
     n_head: int = 4             # attention heads
     max_len: int = 6            # longest prompt / answer in design A (n in [2, max_len])
-    max_len_b: int = 4          # the same in design B (a LoRA learns reversal of n <= 6 in some seeds only)
+    max_len_b: int = 4          # the same in design B (short strings keep its skill LoRAs reliable and fast)
     batch: int = 64             # sequences per step (every phase)
     # base pretraining on the generic mixture (copying)
     pretrain_steps: int = 800   # AdamW steps
@@ -130,12 +132,14 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # Data: vocabulary, the two skills and their composite (batched tensor code)
 
-VOCAB = ["<pad>", "<bos>", ";", "=", ">"] + list("0123456789") + list("abcdefghij")
+VOCAB = ["<pad>", "<bos>", ";", "=", ">"] + list("0123456789") + list("abcdefghij") + ["<"]
 TOK = common.Tokenizer(VOCAB)
 PAD, BOS, END, EQ, GT = range(5)
+LT = VOCAB.index("<")            # design B's pretraining only: '<' asks the base to reverse
 DIGITS = torch.arange(5, 15)
 LETTERS = torch.arange(15, 25)
 TASKS = ("skill_a", "skill_b", "composite")
+PROBES = ("g_behind_gt", "reverse_digits")                              # design B only (see sample_task)
 
 
 def skill_maps(seed_g: int = 123, seed_h: int = 456) -> torch.Tensor:
@@ -165,7 +169,10 @@ def sample_task(design: str, task: str, B: int, gen: torch.Generator, maps: torc
     design B  skill_a  digits  `3 1 4 =` -> g(3) g(1) g(4)
               skill_b  letters `c a f >` -> f a c                   (the '>' format reverses)
               composite        `3 1 4 >` -> g(4) g(1) g(3)           (g in the '>' format: never in the data)
-    copy (pretraining, both designs): digits and letters `x1..xn =` -> x1..xn (design B also uses '>').
+              probes: g_behind_gt `3 1 4 >` -> g(3) g(1) g(4); reverse_digits `3 1 4 >` -> 4 1 3
+    copy (pretraining, the generic mixture): digits and letters `x1..xn =` -> x1..xn. Design B's mixture
+              is a third each of `x =` -> x, `x >` -> x and `x <` -> reverse(x): the base can already
+              reverse any string, and skill B teaches that '>' now asks for it (a format skill).
     """
     L = max_len
     n = torch.randint(2, L + 1, (B,), generator=gen)
@@ -175,7 +182,9 @@ def sample_task(design: str, task: str, B: int, gen: torch.Generator, maps: torc
     if task == "copy":
         x = torch.cat([DIGITS, LETTERS])[torch.randint(0, 20, (B, L), generator=gen)]
         if design == "B":
-            sep = torch.where(torch.rand(B, generator=gen) < 0.5, EQ, GT)
+            u = torch.rand(B, generator=gen)
+            sep = torch.where(u < 1 / 3, EQ, torch.where(u < 2 / 3, GT, LT))
+            return x, torch.where((sep == LT)[:, None], reverse_prefix(x, n), x), n, sep
         return x, x, n, sep
     if task == "skill_a":
         return dig, maps[dig], n, sep
@@ -192,6 +201,11 @@ def sample_task(design: str, task: str, B: int, gen: torch.Generator, maps: torc
         return x, maps[x], n, sep
     if task == "composite":
         return dig, reverse_prefix(maps[dig], n), n, torch.full((B,), GT)
+    # transfer probes of design B: does each skill carry over to the other skill's inputs / format?
+    if task == "g_behind_gt":                                           # skill A's map in the '>' format
+        return dig, maps[dig], n, torch.full((B,), GT)
+    if task == "reverse_digits":                                        # skill B's reversal on digits
+        return dig, reverse_prefix(dig, n), n, torch.full((B,), GT)
     raise ValueError(f"unknown task '{task}'")
 
 
@@ -530,6 +544,11 @@ def run_design(cfg: Config, design: str, seed: int, device) -> tuple[dict, dict]
         model = with_delta(base, deltas[meth])
         for t in TASKS:
             acc[f"{meth}/{t}"] = accuracy(model, evals[t], device)
+    if design == "B":   # transfer probes: a merge composes only as far as each skill carries over
+        for t in PROBES:
+            groups = make_eval_set(design, t, cfg.eval_n, g_eval, maps, max_len)
+            for meth in ("lora_a", "lora_b", "data_mix"):
+                acc[f"{meth}/{t}"] = accuracy(with_delta(base, deltas[meth]), groups, device)
     for k, (lo, hi) in cat_info.items():
         acc[f"{k}/weight_min"], acc[f"{k}/weight_max"] = lo, hi
     acc["time_s"] = time.time() - t0
@@ -546,6 +565,12 @@ def gains(acc: dict, floor: float) -> dict:
     best = max(MERGES + ["cat_softmax", "cat_free"], key=lambda m: acc[f"{m}/composite"])
     return {"cat_vs_merges": cat / max(others, floor) - 1, "cat_vs_datamix": cat / max(acc["data_mix/composite"], floor) - 1,
             "best_merge_vs_datamix": acc[f"{best}/composite"] - acc["data_mix/composite"], "best_merge": best}
+
+
+def beats(p: float, q: float, n: int) -> str:
+    """'yes' when accuracy p beats q by more than 2 standard errors of the difference (n prompts each)."""
+    noise = 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+    return "yes" if p - q > noise else f"no (gap {p - q:+.3f}, noise {noise:.3f})"
 
 
 def run(cfg: Config) -> dict:
@@ -580,6 +605,11 @@ def run(cfg: Config) -> dict:
                       f"({cfg.eval_n} prompts/task, {len(seeds)} seed(s))"}[design]
         common.print_table([[LABELS[m]] + [cell(m, t) for t in TASKS] for m in METHODS],
                            ["method", "skill A", "skill B", "composite"], title=title)
+        if design == "B":
+            common.print0("  transfer probes (a merge composes only as far as both hold): skill A's map behind '>' "
+                          f"LoRA A {cell('lora_a', 'g_behind_gt')}, DATA-MIX {cell('data_mix', 'g_behind_gt')}; "
+                          f"skill B's reversal on digits LoRA B {cell('lora_b', 'reverse_digits')}, "
+                          f"DATA-MIX {cell('data_mix', 'reverse_digits')}")
         for mix in ("softmax", "free"):
             common.print0(f"  learned CAT-{mix} per-module weights in [{mean[f'cat_{mix}/weight_min']:.2f}, "
                           f"{mean[f'cat_{mix}/weight_max']:.2f}]")
@@ -600,12 +630,12 @@ def run(cfg: Config) -> dict:
                      "yes" if metrics["gain_A/cat_vs_datamix"] > 0 else "no: DATA-MIX composes token-local maps"])
     if "B" in cfg.designs:
         b = {k[len("acc_B/"):]: v for k, v in metrics.items() if k.startswith("acc_B/")}
-        best = metrics["gain_B/best_merge"]
+        best, dm = metrics["gain_B/best_merge"], b["data_mix/composite"]
         rows.append(["B: best merge vs DATA-MIX (composite, abs.)", "merging > data mixing",
-                     f"{b[f'{best}/composite']:.3f} ({best}) vs {b['data_mix/composite']:.3f}",
-                     "yes" if metrics["gain_B/best_merge_vs_datamix"] > 0 else "no"])
+                     f"{b[f'{best}/composite']:.3f} ({best}) vs {dm:.3f}",
+                     beats(b[f"{best}/composite"], dm, cfg.eval_n * len(seeds))])
         rows.append(["B: CAT vs DATA-MIX (composite, rel.)", "+12%", pct(metrics["gain_B/cat_vs_datamix"]),
-                     "yes" if metrics["gain_B/cat_vs_datamix"] > 0 else "no"])
+                     beats(b["cat_free/composite"], dm, cfg.eval_n * len(seeds))])
         top = max(b[f"{m}/composite"] for m in MERGES + ["cat_softmax"])
         rows.append(["B: CAT (free) >= every other merge", "yes", f"{b['cat_free/composite']:.3f} vs {top:.3f}",
                      "yes" if b["cat_free/composite"] >= top else "no"])

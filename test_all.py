@@ -1926,6 +1926,20 @@ def test_lora_cat_data_composes_the_skills():
         assert yc[i, :kc].tolist() == [gmap[t] for t in xc[i, :kc].tolist()][::-1]
         assert all(t in gmap for t in xc[i, :kc].tolist())
     assert bool((sa == lora_cat.EQ).all() and (sb == lora_cat.GT).all() and (sc == lora_cat.GT).all())
+    # design B's generic mixture: '=' and '>' copy, '<' reverses; '<' never occurs in skill or composite data
+    xp, yp, np_, sp = lora_cat.sample_task("B", "copy", 600, g, maps)
+    assert {int(t) for t in sp} == {lora_cat.EQ, lora_cat.GT, lora_cat.LT}
+    for i in range(600):
+        k, xs = int(np_[i]), xp[i, :int(np_[i])].tolist()
+        assert yp[i, :k].tolist() == (xs[::-1] if int(sp[i]) == lora_cat.LT else xs)
+    assert not bool((sa == lora_cat.LT).any() or (sb == lora_cat.LT).any() or (sc == lora_cat.LT).any())
+    # the transfer probes: skill A's map behind '>', skill B's reversal on digits
+    xg, yg, ng, sg = lora_cat.sample_task("B", "g_behind_gt", 200, g, maps)
+    xr, yr, nr, sr = lora_cat.sample_task("B", "reverse_digits", 200, g, maps)
+    for i in range(200):
+        assert yg[i, :int(ng[i])].tolist() == [gmap[t] for t in xg[i, :int(ng[i])].tolist()]
+        assert yr[i, :int(nr[i])].tolist() == xr[i, :int(nr[i])].tolist()[::-1]
+    assert bool((sg == lora_cat.GT).all() and (sr == lora_cat.GT).all())
 
 
 def test_lora_cat_sequence_layout():

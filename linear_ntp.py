@@ -23,13 +23,12 @@ Glossary (ours -> paper / official code)
     cot / nocot   the paper's CoT format / our answer-only control `[BOS] a x b = p`
     length complexity   number of CoT tokens; the parity demo compares 0, n and 2n CoT tokens
 
-Quick, measured (idle 2-core CPU, 2 threads). 1600 MLP steps (default): 569 s, MLP CoT 0.812 vs answer-only 0.144.
-2000 steps (687 s): held-out exact match MLP CoT 0.803 vs answer-only 0.165 (2000
-steps, batch 64, lr 1e-2); linear CoT 0.029 vs 0.026; GPT 0.065 vs 0.036. Every CoT token before the answer
-is learned (teacher-forced 100%); the final multi-operand sum is the slow part. At the paper-like lr 2e-3 and
-batch 128 the same MLP reached only 0.11 in 1000 steps: lr 1e-2 with batch 64 learned the sum ~8x faster.
-Parity of 16 bits (linear): 0.481 / 0.493 (XOR CoT) / 1.000 (threshold CoT). Text: linear ppl 2.02 vs GPT
-1.98 vs bigram 4.04.
+Quick, measured (idle 2-core CPU, 2 threads, 532 s): held-out exact match MLP CoT 0.812 vs answer-only
+0.144 (1600 steps, batch 64, lr 1e-2); linear CoT 0.035 vs 0.024; GPT 0.064 vs 0.029. Every CoT token
+before the answer is learned (teacher-forced 100%); the final multi-operand sum is the slow part. At the
+paper-like lr 2e-3 and batch 128 the same MLP reached only 0.11 in 1000 steps: lr 1e-2 with batch 64
+learned the sum ~8x faster. Parity of 16 bits (linear): 0.500 / 0.522 (XOR CoT) / 1.000 (threshold CoT).
+Text: linear ppl 2.01 vs GPT 2.01 vs bigram 4.04.
 
 Paper numbers: the 96.9% (775M MLP, 4-digit, held-out) in the table is recalled from the paper and was
 not re-checked against the PDF here: treat it as unverified. The answer-only control is ours.

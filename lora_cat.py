@@ -540,15 +540,15 @@ def run_design(cfg: Config, design: str, seed: int, device) -> tuple[dict, dict]
     g_eval = gen(7)
     evals = {t: make_eval_set(design, t, cfg.eval_n, g_eval, maps, max_len) for t in TASKS}
     acc = {"base/copy": accuracy(base, make_eval_set(design, "copy", cfg.eval_n, g_eval, maps, max_len), device)}
+    # design B's transfer probes: a merge composes only as far as each skill carries over
+    probes = {t: make_eval_set(design, t, cfg.eval_n, g_eval, maps, max_len) for t in PROBES} if design == "B" else {}
     for meth in METHODS:
         model = with_delta(base, deltas[meth])
         for t in TASKS:
             acc[f"{meth}/{t}"] = accuracy(model, evals[t], device)
-    if design == "B":   # transfer probes: a merge composes only as far as each skill carries over
-        for t in PROBES:
-            groups = make_eval_set(design, t, cfg.eval_n, g_eval, maps, max_len)
-            for meth in ("lora_a", "lora_b", "data_mix"):
-                acc[f"{meth}/{t}"] = accuracy(with_delta(base, deltas[meth]), groups, device)
+        if meth in ("lora_a", "lora_b", "data_mix"):
+            for t, groups in probes.items():
+                acc[f"{meth}/{t}"] = accuracy(model, groups, device)
     for k, (lo, hi) in cat_info.items():
         acc[f"{k}/weight_min"], acc[f"{k}/weight_max"] = lo, hi
     acc["time_s"] = time.time() - t0

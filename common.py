@@ -1,15 +1,17 @@
 """
-common.py -- the pieces every nanopapers script shares.
+common.py -- the utilities every nanopapers script shares. Not the training loop: each script
+writes its own, in the open (nanoGPT's train.py is the model).
 
-    CLI        BaseConfig, parse_args(Config, PRESETS), die
-    runtime    get_device, autocast, set_seed, set_threads, setup_ddp / cleanup_ddp, print0
-    text       Tokenizer (char- or word-level, with specials)
-    model      GPTConfig, GPT (pre-norm; positional scheme by name: none / learned / alibi /
-               hard_alibi / rope; pluggable MLP; optional KV cache and per-layer hidden states)
-    training   configure_adamw, lr_at, train (AdamW, warmup + cosine/linear, clip, bf16 on CUDA,
-               optional torch.compile, DDP under torchrun, eval callback, checkpoints)
-    results    print_table, save_results, plot, over_seeds, count_params
+    CLI        BaseConfig, parse_args(Config, PRESETS), config_from_preset, die
+    runtime    session(cfg) (threads, torchrun, one-line Ctrl-C), get_device, autocast, set_seed
+    DDP        setup_ddp / cleanup_ddp, wrap_ddp, shard, token_mean, global_mean, broadcast_flag,
+               print0, is_main
+    training   configure_adamw, lr_at, cross_entropy_sum, masked_cross_entropy, progress, step_log
+    text       Tokenizer (char- or word-level)
+    model      positional_bias, rope_rotate, CausalSelfAttention (self-contained), GPTConfig, GPT
+    results    mkey, over_seeds -> SeedRuns (mean +- std), print_table, save_results, plot, Stages
 
+Metric names are `<family>/<model>/<x>` (e.g. `copy_acc/hard_alibi/L20`), built with mkey().
 A paper script imports this module and nothing else of ours. Everything here is plain PyTorch.
 """
 from __future__ import annotations
@@ -17,12 +19,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
 import platform
 import random
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import asdict, dataclass
@@ -31,28 +37,73 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PRESET_NAMES = ("smoke", "quick", "full")
-
 # -----------------------------------------------------------------------------
-# CLI: argparse built from a dataclass
+# CLI: argparse built from a dataclass, one rule for bad input
 
 
 def die(msg: str, code: int = 2) -> typing.NoReturn:
     """Print one clear line and exit; bad input never ends in a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
 @dataclass
 class BaseConfig:
-    """Fields every script's Config inherits (each becomes a --flag)."""
+    """Fields every script's Config inherits (each becomes a --flag).
+
+    Checked for every script by validate_config before any work: numbers are finite and >= 0 (unless
+    named in SIGNED); learning rates, batches, `seeds` and the fields in POSITIVE are > 0; a tuple whose
+    default is non-empty must stay non-empty (unless named in MAY_BE_EMPTY); `out` must be writable.
+    A script adds its own checks in __post_init__ (raise ValueError with the reason).
+    """
     preset: str = ""        # smoke | quick | full; empty: full on a CUDA device, quick otherwise
     device: str = "auto"    # auto | cpu | cuda | cuda:N | mps
     seed: int = 0           # base random seed
-    seeds: int = 1          # run the experiment for seeds seed..seed+N-1 and report mean +- std
-    out: str = "results"    # folder for <script>.json / .png
+    seeds: int = 1          # run seeds seed..seed+N-1 and report mean +- std of every metric
+    out: str = "results"    # folder for <script>.json / .png (checked writable before any work)
     compile: bool = False   # torch.compile the models
     threads: int = 0        # CPU threads for torch; 0 = 1 (tiny models run fastest single-threaded)
+
+    POSITIVE: typing.ClassVar[tuple] = ("seeds",)   # numeric fields that must be > 0
+    SIGNED: typing.ClassVar[tuple] = ()              # numeric fields that may be negative
+    MAY_BE_EMPTY: typing.ClassVar[tuple] = ()        # tuple fields that may be empty
+    GLOBAL_BATCH: typing.ClassVar[tuple] = ()        # fields holding a global training batch (torchrun
+                                                     # splits them over processes: must divide evenly)
+
+
+_ALWAYS_POSITIVE = re.compile(r"(^|_)(lr|lrs|batch|batch_size)($|_)")
+
+
+def validate_config(cfg) -> None:
+    """The generic input rules (see BaseConfig). Raises ValueError naming the --flag."""
+    positive = set(type(cfg).POSITIVE) | set(BaseConfig.POSITIVE)
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        vals = list(v) if isinstance(v, (tuple, list)) else [v]
+        if isinstance(v, (tuple, list)) and not v and f.name not in cfg.MAY_BE_EMPTY:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if default:
+                raise ValueError(f"{flag} needs at least one value")
+        for x in vals:
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if not math.isfinite(x):
+                raise ValueError(f"{flag} must be a finite number (got {x})")
+            if x <= 0 and (f.name in positive or _ALWAYS_POSITIVE.search(f.name)):
+                raise ValueError(f"{flag} must be > 0 (got {x})")
+            if x < 0 and f.name not in cfg.SIGNED:
+                raise ValueError(f"{flag} must be >= 0 (got {x})")
+
+
+def check_writable_dir(path: str) -> None:
+    """Create `path` if needed and prove a file can be written there (before hours of work, not after)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -60,47 +111,89 @@ class _OneLineParser(argparse.ArgumentParser):
         die(f"{message} (see {self.prog} -h)")
 
 
-def _field_parser(tp):
+def _field_parser(tp, flag):
     """Turn a field's annotation into an argparse `type` (tuples/lists take comma-separated values)."""
     origin = typing.get_origin(tp)
     if origin in (tuple, list):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [str]
-        elem = args[0]
+        elem = _field_parser(args[0], flag)
         def parse(s, elem=elem, origin=origin):
-            vals = [elem(v) for v in s.split(",") if v.strip() != ""]
+            vals = [elem(v.strip()) for v in s.split(",") if v.strip() != ""]
             return tuple(vals) if origin is tuple else vals
         return parse
-    if tp in (int, float, str):
-        return tp
+    if tp in (int, float):
+        def parse_num(s, tp=tp):
+            try:
+                return tp(s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid {tp.__name__} value '{s}'") from None
+        return parse_num
     return str
+
+
+def _field_comments(Config) -> dict:
+    """{field: its trailing `# comment` (continuation comment lines appended)} read from the source."""
+    out = {}
+    for cls in reversed(Config.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            continue
+        last = None
+        for line in lines:
+            m = re.match(r"\s+(\w+)\s*:[^=#]+=[^#]*#\s?(.*)$", line)
+            if m:
+                last = m.group(1)
+                out[last] = m.group(2).strip()
+            elif last and re.match(r"\s+#\s?(.*)$", line):
+                out[last] += " " + line.strip()[1:].strip()
+            else:
+                last = None
+    return out
+
+
+def _show(v) -> str:
+    return ",".join(str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)
 
 
 def parse_args(Config, presets: dict, argv=None):
     """Build a parser from `Config` (a dataclass inheriting BaseConfig) and return the resolved config.
 
-    Precedence: dataclass defaults < preset overrides < explicit command-line flags. The device is
-    resolved here so that a CUDA request on a machine without CUDA fails at once, in one line.
+    Precedence: dataclass defaults < preset overrides < explicit command-line flags. Every input rule
+    is checked here, before any work: a bad value is one `error: ...` line and exit code 2.
     """
     prog = os.path.basename(sys.argv[0]) if argv is None else "script"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)  # which preset's defaults does -h show?
+    pre.add_argument("--preset")
+    pre.add_argument("--device", default="auto")
+    known = pre.parse_known_args(argv)[0]
+    shown = known.preset if known.preset in presets else (
+        "full" if torch.cuda.is_available() and known.device.startswith(("auto", "cuda")) else "quick")
+
     doc = (sys.modules[Config.__module__].__doc__ or "").strip().splitlines()
     p = _OneLineParser(prog=prog, description=doc[0] if doc else None,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(Config)
+                       epilog=f"defaults shown are those of the '{shown}' preset")
+    hints, notes = typing.get_type_hints(Config), _field_comments(Config)
     for f in dataclasses.fields(Config):
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = presets.get(shown, {}).get(f.name, default)
         flag = "--" + f.name.replace("_", "-")
         names = [flag] if flag == "--" + f.name else [flag, "--" + f.name]
+        note = notes.get(f.name, "")
         if f.name == "preset":
             p.add_argument(*names, default=None, metavar="{" + ",".join(presets) + "}",
                            help="preset of overrides (default: full on CUDA, quick otherwise)")
         elif tp is bool:
             p.add_argument(*names, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {default})")
+                           help=f"{note} (default: {default})")
         else:
-            p.add_argument(*names, type=_field_parser(tp), default=None, metavar=tp.__name__.upper()
-                           if isinstance(tp, type) else "A,B,..", help=f"(default: {default})")
-    p.formatter_class = argparse.HelpFormatter  # defaults are already in each help string
+            meta = tp.__name__.upper() if isinstance(tp, type) else "A,B,.."
+            p.add_argument(*names, type=_field_parser(tp, flag), default=None, metavar=meta,
+                           help=f"{note} (default: {_show(default) or 'empty'})")
     ns = vars(p.parse_args(argv))
     explicit = {k: v for k, v in ns.items() if v is not None}
 
@@ -108,37 +201,40 @@ def parse_args(Config, presets: dict, argv=None):
     preset = explicit.get("preset") or ("full" if device.type == "cuda" else "quick")
     if preset not in presets:
         die(f"unknown preset '{preset}' (choose one of: {', '.join(presets)})")
-    kwargs = {**presets[preset], **explicit, "preset": preset, "device": str(device)}
+    cfg = _build(Config, {**presets[preset], **explicit, "preset": preset, "device": str(device)})
+    print0(f"config ({prog}): " + ", ".join(f"{k}={_show(v)}" for k, v in asdict(cfg).items()))
+    return cfg
+
+
+def _build(Config, kwargs):
     try:
         cfg = Config(**kwargs)
+        validate_config(cfg)
+        check_writable_dir(cfg.out)
     except (ValueError, AssertionError) as e:
         die(f"bad configuration: {e}")
-    print0(f"config ({prog}): " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     return cfg
 
 
 def config_from_preset(Config, presets: dict, preset: str = "smoke", **overrides):
-    """The resolved config of a preset without touching sys.argv (tests and notebooks use this)."""
+    """The resolved, validated config of a preset without touching sys.argv (tests and notebooks)."""
     if preset not in presets:
         die(f"unknown preset '{preset}' (choose one of: {', '.join(presets)})")
-    return Config(**{**presets[preset], "preset": preset, **overrides})
+    return _build(Config, {**presets[preset], "preset": preset, **overrides})
 
 # -----------------------------------------------------------------------------
-# Runtime: device, seeds, threads, distributed
+# Runtime: device, seeds, threads, a run's session
 
 
 def get_device(name: str = "auto") -> torch.device:
     """auto -> cuda > mps > cpu. An unavailable device is a one-line error, not a traceback."""
     name = (name or "auto").strip().lower()
+    has_mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
             die(f"--device {name} was asked for, but this machine has no CUDA device "
                 f"(torch {torch.__version__}); use --device cpu")
@@ -147,7 +243,7 @@ def get_device(name: str = "auto") -> torch.device:
             die(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
         return dev
     if name == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        if not has_mps:
             die("--device mps was asked for, but MPS is not available here; use --device cpu")
         return torch.device("mps")
     die(f"unknown device '{name}' (choose auto, cpu, cuda, cuda:N or mps)")
@@ -155,8 +251,7 @@ def get_device(name: str = "auto") -> torch.device:
 
 def autocast(device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 is slow for tiny models)."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -179,6 +274,39 @@ def set_threads(cfg_threads: int = 0, device="cpu"):
         torch.set_num_threads(cfg_threads if cfg_threads > 0 else 1)
 
 
+@contextlib.contextmanager
+def session(cfg, data_parallel: bool = True):
+    """Everything around run(cfg): threads, the torchrun process group, and a one-line Ctrl-C.
+
+        cfg = common.parse_args(Config, PRESETS)
+        with common.session(cfg):
+            run(cfg)
+
+    Under torchrun, cfg.device becomes this rank's device. data_parallel=False: the script trains no
+    network data-parallel, so torchrun is refused in one line. A global batch must split evenly.
+    """
+    world = ddp_info()[2]
+    if world > 1 and not data_parallel:
+        die(f"{os.path.basename(sys.argv[0])} has nothing to split across processes; run it without torchrun")
+    for name in type(cfg).GLOBAL_BATCH:
+        if getattr(cfg, name) % world:
+            die(f"--{name.replace('_', '-')} {getattr(cfg, name)} does not split evenly over {world} processes")
+    cfg.device = str(setup_ddp(torch.device(cfg.device)))
+    set_threads(cfg.threads, cfg.device)
+    _SAVED.clear()
+    try:
+        yield cfg
+    except KeyboardInterrupt:
+        kept = f"results of the finished stages are in {_SAVED[-1]}" if _SAVED else "nothing had finished, nothing saved"
+        print("", file=sys.stderr)
+        die(f"interrupted: {kept}", code=130)
+    finally:
+        cleanup_ddp()
+
+# -----------------------------------------------------------------------------
+# Distributed data parallel (torchrun): each rank takes its rows of the global batch
+
+
 def ddp_info():
     """(rank, local_rank, world_size); (0, 0, 1) for a plain single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -199,12 +327,13 @@ def setup_ddp(device: torch.device) -> torch.device:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU). A single process does nothing."""
     import torch.distributed as dist
     rank, local_rank, world = ddp_info()
-    if world == 1 or (dist.is_available() and dist.is_initialized()):
+    if world == 1:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
 
 
@@ -212,6 +341,160 @@ def cleanup_ddp():
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, device) -> nn.Module:
+    """DistributedDataParallel under torchrun (gradients averaged over ranks); the model itself otherwise."""
+    if ddp_info()[2] == 1:
+        return model
+    device = torch.device(device)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(*tensors):
+    """This rank's rows (rank, rank + world, ...) of each global-batch tensor; unchanged for one process."""
+    rank, _, world = ddp_info()
+    out = tuple(t[rank::world] for t in tensors) if world > 1 else tensors
+    return out if len(out) > 1 else out[0]
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if ddp_info()[2] > 1:
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def token_mean(loss_sum: torch.Tensor, n_tokens) -> torch.Tensor:
+    """The loss to backpropagate: this rank's summed loss over the *global* token count.
+
+    DDP averages gradients over the W ranks, so each rank returns W * sum_r / N_global: the gradient
+    is then that of the global batch's token mean, whatever W is (ranks may hold different counts).
+    """
+    n = torch.as_tensor(n_tokens, dtype=torch.float32, device=loss_sum.device)
+    world = ddp_info()[2]
+    return loss_sum * world / _all_reduce_sum(n.detach()).clamp(min=1.0)
+
+
+def broadcast_flag(flag: bool, device="cpu") -> bool:
+    """Rank 0's decision on every rank (e.g. 'reached 90%, stop training': all ranks must leave together)."""
+    if ddp_info()[2] == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    t = torch.tensor([int(bool(flag))], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def global_mean(x: torch.Tensor) -> float:
+    """The mean of a per-rank scalar over ranks (the logged loss is the global batch's)."""
+    x = x.detach().float()
+    return float(_all_reduce_sum(x)) / ddp_info()[2]
+
+# -----------------------------------------------------------------------------
+# Training utilities (the loop itself lives in each script)
+
+
+def configure_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                    no_decay=("A_log", "D"), fused=None):
+    """AdamW with decay on >=2-D weights only (not norms, biases, or names ending in `no_decay`).
+
+    fused: None = the fused kernel on CUDA only; True = also on CPU (worth it when one huge matrix makes
+    the unfused step cost as much as the forward pass), falling back where torch has no such kernel.
+    """
+    decay, other, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        skip = p.dim() < 2 or any(name.endswith(s) for s in no_decay)
+        (other if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, TypeError):  # no fused kernel for this device / torch version
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine", min_frac: float = 0.1):
+    """Linear warmup to lr, then cosine (to min_frac * lr) or linear (to 0) decay; constant if 'constant'."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    if schedule == "linear":
+        return lr * (1.0 - t)
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def cross_entropy_sum(logits, targets, loss_mask=None):
+    """(summed next-token CE, number of scored tokens) over targets != -100 (and loss_mask > 0)."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    w = (targets != -100).float()
+    if loss_mask is not None:
+        w = w * loss_mask.reshape(-1).float()
+    ce = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    return (ce * w).sum(), w.sum()
+
+
+def masked_cross_entropy(logits, targets, loss_mask=None):
+    """Mean next-token CE over the scored tokens (see cross_entropy_sum)."""
+    s, n = cross_entropy_sum(logits, targets, loss_mask)
+    return s / n.clamp(min=1.0)
+
+
+def count_params(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():  # tied weights count once
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def progress(iterable=None, desc: str = "", total=None, leave: bool = False):
+    """A tqdm bar with ETA on rank 0 (silent on other ranks and when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=leave, mininterval=1.0, dynamic_ncols=True,
+                disable=True if not is_main() else None)
+
+
+def step_log(step: int, steps: int, t0: float, **vals) -> str:
+    """'step 400/2000 | loss 0.123 | acc 0.980 | 12.1 ms/step | eta 1.4 m' (t0: time.time() at step 0)."""
+    dt = time.time() - t0
+    ms = 1000 * dt / max(1, step)
+    eta = ms * (steps - step) / 60000
+    parts = [f"step {step}/{steps}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items()]
+    return " | ".join(parts + [f"{ms:.1f} ms/step", f"eta {eta:.1f} m"])
+
+
+class Stages:
+    """Overall progress of a multi-stage run: one line per stage with elapsed time and an ETA.
+
+        stages = common.Stages({"copy": 5, "lookup": 2, "hash": 0.1})   # relative costs (guesses)
+        with stages("copy"):
+            ...
+    """
+
+    def __init__(self, costs: dict):
+        self.costs, self.done, self.t0 = dict(costs), 0.0, time.time()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        i = list(self.costs).index(name) + 1
+        elapsed = time.time() - self.t0
+        total = sum(self.costs.values())
+        eta = f"eta {elapsed / self.done * (total - self.done) / 60:.1f} m" if self.done else "eta ?"
+        print0(f"[stage {i}/{len(self.costs)}: {name}] elapsed {elapsed / 60:.1f} m | {eta}")
+        yield
+        self.done += self.costs[name]
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -257,14 +540,96 @@ class Tokenizer:
             ids = ids.tolist()
         return ("" if self.char_level else " ").join(self.itos[i] for i in ids)
 
-    def encode_batch(self, seqs, pad: str, length: int | None = None) -> torch.Tensor:
-        """Right-pad a list of sequences into a (B, T) LongTensor."""
-        rows = [self.encode(s) for s in seqs]
-        T = length or max(len(r) for r in rows)
-        out = torch.full((len(rows), T), self.stoi[pad], dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r[:T], dtype=torch.long)
-        return out
+# -----------------------------------------------------------------------------
+# Attention with its positional schemes: self-contained (copy these four pieces with torch alone)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """m_h = 2^(-8(h+1)/H) (Press et al.; exact for H a power of two)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
+
+
+def positional_bias(pos: str, n_head: int, q_pos, k_pos, windows=()) -> torch.Tensor:
+    """Additive (H, Tq, Tk) attention bias: the causal mask plus the scheme's own term.
+
+    q_pos / k_pos: absolute indices of queries and keys (they differ with a KV cache).
+    alibi: -m_h (i - j). hard_alibi: head h sees only keys with i - j < windows[h] (0 = no window, NoPE).
+    none / learned / rope: the causal mask alone (their positions enter elsewhere).
+    """
+    dist = q_pos[:, None] - k_pos[None, :]                                   # (Tq, Tk)
+    allowed = (dist >= 0).expand(n_head, -1, -1)                             # (H, Tq, Tk)
+    bias = torch.zeros(allowed.shape, device=dist.device)
+    if pos == "alibi":
+        bias = bias - alibi_slopes(n_head).to(dist.device)[:, None, None] * dist.clamp(min=0)
+    if pos == "hard_alibi":
+        w = torch.tensor(windows, device=dist.device)[:, None, None]
+        allowed = allowed & ((w == 0) | (dist < w))
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def rope_rotate(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding on the full head dim. x: (B, H, T, hd), pos: (T,)."""
+    hd = x.shape[-1]
+    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.to(x.device, torch.float32)[:, None] * inv[None, :]       # (T, hd/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with the positional scheme inside.
+
+    pos: none (NoPE) | learned (the table is added to the input, so attention adds nothing) | alibi |
+    hard_alibi (windows: one per head, 0 = a NoPE head; Jelassi et al. 2024) | rope.
+    forward(x (B, T, C), q_pos=None (T,), cache=None (a dict per layer), attn_mask=None (T, T) or
+    (B, T, T) bool, True = may attend) -> (B, T, C).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, pos: str = "none", windows=(), rope_base: float = 10000.0,
+                 bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        if pos == "hard_alibi" and len(windows) != n_head:
+            raise ValueError("hard_alibi needs one window per head")
+        self.n_head, self.pos, self.windows, self.rope_base = n_head, pos, tuple(windows), rope_base
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+        self._bias = {}  # (offset, T, device) -> positional bias, rebuilt when the shape changes
+
+    def positional(self, offset: int, T: int, device):
+        key = (offset, T, str(device))
+        if key not in self._bias:
+            if len(self._bias) > 16:
+                self._bias.clear()
+            k_pos = torch.arange(offset + T, device=device)
+            self._bias[key] = positional_bias(self.pos, self.n_head, k_pos[offset:], k_pos, self.windows)
+        return self._bias[key]
+
+    def forward(self, x, q_pos=None, cache=None, attn_mask=None):
+        B, T, C = x.shape
+        H = self.n_head
+        q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        offset = cache["k"].shape[2] if cache is not None and cache.get("k") is not None else 0
+        if self.pos == "rope":
+            rp = q_pos if q_pos is not None else torch.arange(offset, offset + T, device=x.device)
+            q, k = rope_rotate(q, rp, self.rope_base), rope_rotate(k, rp, self.rope_base)
+        if cache is not None:  # append this step's keys/values to the layer's cache
+            if cache.get("k") is not None:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        drop = self.dropout if self.training else 0.0
+        if self.pos in ("none", "learned", "rope") and attn_mask is None and offset == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)  # fused causal kernel
+        else:
+            bias = self.positional(offset, T, x.device)
+            if attn_mask is not None:
+                extra = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask
+                bias = bias.masked_fill(~extra.to(x.device), float("-inf"))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 # -----------------------------------------------------------------------------
 # The baseline GPT
@@ -281,7 +646,6 @@ class GPTConfig:
     hard_windows: tuple = ()     # hard_alibi: window (in tokens, self included) per head, 0 = NoPE head;
                                  # empty -> first n_head//2 heads get windows 1..n_head//2
     mlp_ratio: int = 4
-    parallel_residual: bool = False  # GPT-NeoX style x + attn(ln1 x) + mlp(ln2 x)
     bias: bool = False
     dropout: float = 0.0
     tie_weights: bool = True
@@ -306,70 +670,12 @@ class GPTConfig:
         self.hard_windows = tuple(self.hard_windows)
 
 
-def alibi_slopes(n_head: int) -> torch.Tensor:
-    """m_h = 2^(-8(h+1)/H) (Press et al.; exact for H a power of two)."""
-    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
-
-
-def attention_bias(cfg: GPTConfig, q_pos: torch.Tensor, k_pos: torch.Tensor, device) -> torch.Tensor:
-    """Additive (H, Tq, Tk) bias: causal mask plus the positional scheme's bias.
-
-    q_pos / k_pos are absolute indices of queries and keys (they differ with a KV cache).
-    ALiBi: -m_h (i - j). Hard-ALiBi: head h sees only keys with i - j < window_h (0 = no window).
-    """
-    dist = (q_pos[:, None] - k_pos[None, :]).to(device)                # (Tq, Tk)
-    allowed = (dist >= 0).expand(cfg.n_head, -1, -1)                    # (H, Tq, Tk)
-    bias = torch.zeros(allowed.shape, device=device)
-    if cfg.pos == "alibi":
-        bias = bias - alibi_slopes(cfg.n_head).to(device)[:, None, None] * dist.clamp(min=0)
-    if cfg.pos == "hard_alibi":
-        w = torch.tensor(cfg.hard_windows, device=device)[:, None, None]
-        allowed = allowed & ((w == 0) | (dist < w))
-    return bias.masked_fill(~allowed, float("-inf"))
-
-
-def rope_rotate(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary embedding on the full head dim. x: (B, H, T, hd), pos: (T,)."""
-    hd = x.shape[-1]
-    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    ang = pos.to(x.device, torch.float32)[:, None] * inv[None, :]      # (T, hd/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
-
-    def forward(self, x, bias, q_pos, cache=None):
-        B, T, C = x.shape
-        H = self.cfg.n_head
-        q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        if self.cfg.pos == "rope":
-            q, k = rope_rotate(q, q_pos, self.cfg.rope_base), rope_rotate(k, q_pos, self.cfg.rope_base)
-        if cache is not None:  # append this step's keys/values to the layer's cache
-            if cache.get("k") is not None:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
-        drop = self.dropout if self.training else 0.0
-        if bias is None:  # plain causal attention: let SDPA pick its fused kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, n_embd: int, hidden: int, bias: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.drop(self.proj(F.gelu(self.fc(x))))
@@ -378,14 +684,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, mlp: nn.Module):
         super().__init__()
-        self.parallel = cfg.parallel_residual
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn, self.mlp = CausalSelfAttention(cfg), mlp
+        self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.pos, cfg.hard_windows, cfg.rope_base,
+                                        cfg.bias, cfg.dropout)
+        self.mlp = mlp
 
-    def forward(self, x, bias, q_pos, cache=None):
-        if self.parallel:
-            return x + self.attn(self.ln1(x), bias, q_pos, cache) + self.mlp(self.ln2(x))
-        x = x + self.attn(self.ln1(x), bias, q_pos, cache)
+    def forward(self, x, q_pos=None, cache=None, attn_mask=None):
+        x = x + self.attn(self.ln1(x), q_pos, cache, attn_mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -399,7 +704,8 @@ class GPT(nn.Module):
       pos: optional (T,) or (B, T) position ids for the learned table (default: cache offset + arange(T));
            rope takes (T,) only. The causal mask always follows the sequence order.
       cache: a list from new_cache(); the forward appends keys/values to it (incremental decoding).
-      returns (logits, loss) or (logits, loss, hidden) where hidden = [embedding out, block 1 out, ...].
+      returns (logits, loss) or (logits, loss, hidden) where hidden = [embedding out, block 1 out, ...];
+      loss is this process's token mean (a DDP loop uses cross_entropy_sum + token_mean instead).
     """
 
     def __init__(self, cfg: GPTConfig, mlp_factory=None):
@@ -408,7 +714,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        make_mlp = mlp_factory or (lambda c, i: MLP(c))
+        make_mlp = mlp_factory or (lambda c, i: MLP(c.n_embd, c.mlp_ratio * c.n_embd, c.bias, c.dropout))
         self.blocks = nn.ModuleList([Block(cfg, make_mlp(cfg, i)) for i in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -425,26 +731,9 @@ class GPT(nn.Module):
             for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
                 if name.endswith("proj.weight"):
                     nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        self._bias_cache = {}
 
     def new_cache(self):
         return [dict() for _ in self.blocks]
-
-    def _bias(self, offset, T, device, attn_mask):
-        plain = self.cfg.pos in ("none", "learned", "rope")
-        if plain and attn_mask is None and offset == 0:
-            return None  # SDPA's own causal kernel
-        key = (offset, T, str(device))
-        if key not in self._bias_cache:
-            if len(self._bias_cache) > 16:
-                self._bias_cache.clear()
-            q_pos = torch.arange(offset, offset + T)
-            self._bias_cache[key] = attention_bias(self.cfg, q_pos, torch.arange(offset + T), device)
-        bias = self._bias_cache[key]
-        if attn_mask is not None:  # extra user mask (True = allowed), (T, T) or (B, T, T)
-            extra = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask
-            bias = bias.masked_fill(~extra.to(device), float("-inf"))
-        return bias
 
     def forward(self, idx, targets=None, loss_mask=None, *, attn_mask=None, pos=None, cache=None,
                 return_hidden=False):
@@ -457,206 +746,44 @@ class GPT(nn.Module):
                 raise ValueError(f"position {int(q_pos.max())} >= block_size {self.cfg.block_size}")
             x = x + self.wpe(q_pos)
         x = self.drop(x)
-        bias = self._bias(offset, T, idx.device, attn_mask)
+        rope_pos = q_pos if q_pos.dim() == 1 else None
         hidden = [x]
         for i, block in enumerate(self.blocks):
-            x = block(x, bias, q_pos, None if cache is None else cache[i])
+            x = block(x, rope_pos, None if cache is None else cache[i], attn_mask)
             hidden.append(x)
         logits = self.lm_head(self.ln_f(x))
         loss = None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, greedy=False, top_k=None, eos_id=None,
-                 generator=None, use_cache=True):
-        """Batched sampling. greedy=True (or temperature 0) takes the argmax. Returns (B, T + new)."""
-        cache = self.new_cache() if use_cache else None
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    def generate(self, idx, max_new_tokens, temperature=1.0, greedy=False, generator=None):
+        """Batched sampling with a KV cache. greedy=True (or temperature 0) takes the argmax. (B, T + new)."""
+        cache = self.new_cache()
         step_in = idx
         for _ in range(max_new_tokens):
-            if cache is None:
-                step_in = idx if self.wpe is None else idx[:, -self.cfg.block_size:]
             logits = self(step_in, cache=cache)[0][:, -1, :].float()
-            nxt = sample_logits(logits, temperature, greedy, top_k, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
+            nxt = sample_logits(logits, temperature, greedy, generator)
             idx = torch.cat([idx, nxt[:, None]], 1)
             step_in = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
-                break
         return idx
 
 
-def sample_logits(logits, temperature=1.0, greedy=False, top_k=None, generator=None):
+def sample_logits(logits, temperature=1.0, greedy=False, generator=None):
     """(B, V) logits -> (B,) ids."""
     if greedy or temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, -1)
+    probs = F.softmax(logits / temperature, -1)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-
-def masked_cross_entropy(logits, targets, loss_mask=None):
-    """Mean next-token CE over positions with target != -100 (and loss_mask > 0 when given)."""
-    logits = logits.float().reshape(-1, logits.shape[-1])
-    targets = targets.reshape(-1)
-    if loss_mask is None:
-        return F.cross_entropy(logits, targets, ignore_index=-100)
-    w = loss_mask.reshape(-1).float() * (targets != -100)
-    ce = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
-    return (ce * w).sum() / w.sum().clamp(min=1.0)
-
-
-def count_params(model: nn.Module) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():  # tied weights count once
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
-
 # -----------------------------------------------------------------------------
-# Training
+# Results: metric names, seeds, tables, JSON, figures
 
 
-def configure_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    no_decay=("A_log", "D"), fused=None):
-    """AdamW with decay on >=2-D weights only (not norms, biases, or names ending in `no_decay`).
-
-    fused: None = the fused kernel on CUDA only; True = also on CPU (worth it when one huge matrix makes
-    the unfused step cost as much as the forward pass), falling back where torch has no such kernel.
-    """
-    decay, other, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        skip = p.dim() < 2 or any(name.endswith(s) for s in no_decay)
-        (other if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    if fused is None:
-        fused = next(model.parameters()).is_cuda
-    if fused:
-        try:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-        except (RuntimeError, TypeError):  # no fused kernel for this device / torch version
-            pass
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine", min_frac: float = 0.1):
-    """Linear warmup to lr, then cosine (to min_frac * lr) or linear (to 0) decay; constant if 'constant'."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    t = min(1.0, (step - warmup) / max(1, steps - warmup))
-    if schedule == "linear":
-        return lr * (1.0 - t)
-    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _default_loss(model, batch):
-    return model(*batch)[1]
-
-
-def train(model, get_batch, *, steps, lr, device, warmup=100, schedule="cosine", min_lr_frac=0.1,
-          weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, loss_fn=None, optimizer=None,
-          eval_fn=None, eval_every=0, compile=False, desc="train", log_every=50, cfg=None,
-          save_path=None, resume=False, quiet=False):
-    """The standard loop. Returns a history dict {step, loss, lr, eval: [(step, dict)], time_s}.
-
-    get_batch(step) -> tuple of tensors for the *global* batch (each rank takes its rows, so the
-    global batch and the result do not depend on the number of processes).
-    loss_fn(model, batch) -> scalar; default: model(*batch)[1].
-    eval_fn(model, step) -> dict, called on rank 0 every eval_every steps and at the end.
-    Under torchrun the model is wrapped in DistributedDataParallel.
-    """
-    from tqdm.auto import tqdm
-    device = torch.device(device)
-    rank, _, world = ddp_info()
-    raw = model
-    opt = optimizer or configure_adamw(model, lr, weight_decay, betas)
-    start = 0
-    if resume and save_path and os.path.exists(save_path):
-        ck = torch.load(save_path, map_location=device, weights_only=True)
-        raw.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start = int(ck["step"])
-        print0(f"resumed from {save_path} at step {start}")
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(model) if compile else model
-    loss_fn = loss_fn or _default_loss
-    hist = {"step": [], "loss": [], "lr": [], "eval": []}
-    t0 = time.time()
-    bar = tqdm(range(start, steps), desc=desc, disable=True if (quiet or rank != 0) else None, mininterval=2, dynamic_ncols=True)
-    for step in bar:
-        cur_lr = lr_at(step, steps, lr, warmup, schedule, min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        batch = get_batch(step)
-        if world > 1:
-            batch = tuple(b[rank::world] for b in batch)
-        model.train()
-        with autocast(device):
-            loss = loss_fn(fwd, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            lv = loss.item()
-            hist["step"].append(step)
-            hist["loss"].append(lv)
-            hist["lr"].append(cur_lr)
-            ms = 1000 * (time.time() - t0) / (step - start + 1)
-            bar.set_postfix_str(f"loss {lv:.4f} | {ms:.1f} ms/step")
-        last = step == steps - 1
-        if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
-            if rank == 0:
-                raw.eval()
-                res = eval_fn(raw, step + 1)
-                hist["eval"].append((step + 1, res))
-                if not quiet:
-                    bar.write(f"{desc} step {step + 1}/{steps} | loss {hist['loss'][-1]:.4f} | "
-                              + " | ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, (int, float))))
-            stop = rank == 0 and res_stop(hist)
-            if world > 1:  # every rank must leave the loop together
-                flag = torch.tensor([int(stop)], device=device)
-                torch.distributed.broadcast(flag, 0)
-                stop = bool(flag.item())
-            if stop:
-                break
-        if save_path and rank == 0 and (last or (eval_every and (step + 1) % eval_every == 0)):
-            save_checkpoint(save_path, raw, opt, step + 1, cfg)
-    bar.close()
-    hist["time_s"] = time.time() - t0
-    raw.eval()
-    return hist
-
-
-def res_stop(hist) -> bool:
-    """An eval_fn may return {'stop': 1} to end training early (e.g. 'reached 90%')."""
-    return bool(hist["eval"]) and bool(hist["eval"][-1][1].get("stop", 0))
-
-
-def save_checkpoint(path, model, opt, step, cfg=None):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "config": asdict(cfg) if cfg is not None else {}}, tmp)
-    os.replace(tmp, path)
-
-# -----------------------------------------------------------------------------
-# Results
+def mkey(*parts) -> str:
+    """A metric name `<family>/<model>/<x>`: mkey('copy_acc', 'nope', 'L20') -> 'copy_acc/nope/L20'."""
+    return "/".join(str(p) for p in parts if p is not None and str(p) != "")
 
 
 def fmt(v, digits=3) -> str:
@@ -669,58 +796,168 @@ def fmt(v, digits=3) -> str:
     return str(v)
 
 
+def mean_std(vals):
+    """(mean, sample std) of a list of numbers; std is 0.0 for one value."""
+    vals = [float(v) for v in vals]
+    m = sum(vals) / len(vals)
+    s = (sum((x - m) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return m, s
+
+
+@dataclass
+class SeedRuns:
+    """Metrics over seeds: mean[k], std[k] (only with >= 2 seeds), per_seed[i][k], extras[i]."""
+    seeds: list
+    mean: dict
+    std: dict
+    per_seed: list
+    extras: list
+
+    def cell(self, key, digits=3) -> str:
+        """'0.812 ± 0.031' over several seeds, '0.812' for one, '-' when the metric is absent."""
+        if key not in self.mean:
+            return "-"
+        m = fmt(self.mean[key], digits)
+        return f"{m} ± {fmt(self.std[key], digits)}" if key in self.std else m
+
+
+def aggregate(per_seed: list, seeds: list, extras=None) -> SeedRuns:
+    """Mean (and std with >= 2 seeds) of every numeric metric that every seed reports."""
+    keys = [k for k in per_seed[0] if all(isinstance(r.get(k), (int, float)) for r in per_seed)]
+    mean, std = {}, {}
+    for k in keys:
+        m, s = mean_std([r[k] for r in per_seed])
+        mean[k] = m
+        if len(per_seed) > 1:
+            std[k] = s
+    return SeedRuns(list(seeds), mean, std, list(per_seed), list(extras or [None] * len(per_seed)))
+
+
+def over_seeds(cfg, run_one, name: str | None = None) -> SeedRuns:
+    """Run run_one(cfg with seed s) for s = cfg.seed .. cfg.seed + cfg.seeds - 1.
+
+    run_one returns {metric: number} or ({metric: number}, extra) where extra is anything (curves for a
+    figure). With `name`, the seeds finished so far are saved after each one (an interrupt keeps them).
+    """
+    per_seed, extras, seeds = [], [], []
+    for i in range(cfg.seeds):
+        s = cfg.seed + i
+        if cfg.seeds > 1:
+            print0(f"--- seed {s} ({i + 1}/{cfg.seeds})")
+        out = run_one(dataclasses.replace(cfg, seed=s))
+        m, extra = out if isinstance(out, tuple) else (out, None)
+        per_seed.append(m)
+        extras.append(extra)
+        seeds.append(s)
+        if name and i < cfg.seeds - 1:
+            save_results(name, cfg, aggregate(per_seed, seeds, extras), partial=True)
+    return aggregate(per_seed, seeds, extras)
+
+
 def print_table(rows, headers, title=None):
-    """rows: list of lists; numbers are formatted to 3 decimals."""
+    """rows: list of lists; floats are formatted to 3 decimals, strings (e.g. SeedRuns.cell) as given."""
     cells = [[fmt(c) for c in r] for r in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
     line = "+".join("-" * (w + 2) for w in widths)
-    out = []
-    if title:
-        out.append(title)
+    out = [title] if title else []
     out.append(" | ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
     out.append(line)
     out += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     print0("\n".join(out) + "\n")
 
 
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
 def env_info(device) -> dict:
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": name, "threads": torch.get_num_threads(), "world_size": ddp_info()[2]}
+            "device_name": name, "threads": torch.get_num_threads(), "world_size": ddp_info()[2],
+            "git_commit": _git_commit(), "argv": list(sys.argv)}
 
 
-def save_results(name, cfg, metrics: dict, history=None, wall_time_s=None, out_dir=None) -> str | None:
-    """Write <out>/<name>.json atomically (rank 0 only): config, metrics, history, env, wall_time_s."""
+def _finite_or_none(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
+def _plain(o):
+    """JSON-able copy: tensors and numpy scalars to Python numbers, NaN/inf to null."""
+    if torch.is_tensor(o):
+        o = o.tolist()
+    elif hasattr(o, "tolist") and not isinstance(o, (str, bytes)):
+        o = o.tolist()
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set)):
+        return [_plain(v) for v in o]
+    return _finite_or_none(o)
+
+
+_SAVED: list = []  # paths written in this session (session() names the last one on Ctrl-C)
+
+
+def save_results(name, cfg, metrics, *, history=None, info=None, timings=None, wall_time_s=None,
+                 partial=False) -> str | None:
+    """Write <cfg.out>/<name>.json atomically (rank 0 only) and return its path.
+
+    metrics: {name: number} or a SeedRuns (then `metrics` holds the means, `metrics_std` the stds and
+    `per_seed` each seed's numbers). Numbers only; NaN is written as null. Labels go in `info`, seconds
+    in `timings`. partial=True marks a run that has not finished (an interrupt keeps what was done).
+    """
     if not is_main():
         return None
-    out_dir = out_dir or getattr(cfg, "out", "results")
+    if isinstance(metrics, SeedRuns):
+        runs = metrics
+    else:
+        runs = SeedRuns([getattr(cfg, "seed", 0)], dict(metrics), {}, [dict(metrics)], [None])
+    bad = [k for k, v in runs.mean.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise TypeError(f"metrics must be numbers; move {bad[:3]} to info=")
+    blob = {"config": asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg or {}),
+            "complete": not partial, "seeds": runs.seeds, "metrics": runs.mean, "metrics_std": runs.std,
+            "per_seed": runs.per_seed if len(runs.per_seed) > 1 else [], "info": info or {},
+            "history": history or {}, "timings": timings or {}, "wall_time_s": wall_time_s,
+            "env": env_info(getattr(cfg, "device", "cpu"))}
+    out_dir = getattr(cfg, "out", None) or "results"
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    blob = {"config": asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg or {}),
-            "metrics": metrics, "history": history or {},
-            "env": env_info(getattr(cfg, "device", "cpu")), "wall_time_s": wall_time_s}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(blob, f, indent=1, default=_json_default)
-    os.replace(tmp, path)
-    print0(f"wrote {path}")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_plain(blob), f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _SAVED.append(path)
+    if not partial:
+        print0(f"wrote {path}")
     return path
-
-
-def _json_default(o):
-    if torch.is_tensor(o):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
 
 
 def plot(name, curves: dict, out_dir="results", xlabel="", ylabel="", title="", logx=False, logy=False,
          shade=None, hline=None) -> str | None:
-    """curves: {label: (xs, ys)}. Saves <out_dir>/<name>.png. Missing matplotlib is one printed line."""
+    """curves: {label: (xs, ys)} or {label: (xs, ys, std)} (a band of +-std). Saves <out_dir>/<name>.png.
+
+    Call it after save_results, so a figure never sits beside the JSON of another run.
+    """
     if not is_main():
         return None
     try:
@@ -732,8 +969,13 @@ def plot(name, curves: dict, out_dir="results", xlabel="", ylabel="", title="", 
         return None
     os.makedirs(out_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    for label, curve in curves.items():
+        xs, ys = curve[0], curve[1]
+        line, = ax.plot(xs, ys, marker="o", ms=3, label=label)
+        if len(curve) > 2 and curve[2] is not None:
+            lo = [y - s for y, s in zip(ys, curve[2])]
+            hi = [y + s for y, s in zip(ys, curve[2])]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
     if shade is not None:
         ax.axvspan(*shade, color="grey", alpha=0.15, label="training range")
     if hline is not None:
@@ -747,40 +989,10 @@ def plot(name, curves: dict, out_dir="results", xlabel="", ylabel="", title="", 
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=120)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
     plt.close(fig)
     print0(f"wrote {path}")
     return path
-
-
-def over_seeds(cfg, run_one):
-    """Run run_one(cfg_with_seed) -> {metric: number} for cfg.seeds seeds.
-
-    One seed: returns its metrics unchanged. Several: the mean under each key plus '<key>/std'.
-    """
-    runs = []
-    for i in range(max(1, cfg.seeds)):
-        c = dataclasses.replace(cfg, seed=cfg.seed + i)
-        runs.append(run_one(c))
-    if len(runs) == 1:
-        return runs[0]
-    out = {}
-    for k, v in runs[0].items():
-        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and r.get(k) is not None]
-        if isinstance(v, (int, float)) and len(vals) == len(runs):
-            m = sum(vals) / len(vals)
-            out[k] = m
-            out[k + "/std"] = (sum((x - m) ** 2 for x in vals) / max(1, len(vals) - 1)) ** 0.5
-        else:
-            out[k] = v
-    return out
-
-
-def mean_std(vals) -> str:
-    """'0.812 +- 0.031' for a list of numbers (just the number for one)."""
-    vals = list(vals)
-    m = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return fmt(float(m))
-    s = (sum((x - m) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5
-    return f"{m:.3f} +- {s:.3f}"

@@ -74,16 +74,18 @@ class BaseConfig:
 _ALWAYS_POSITIVE = re.compile(r"(^|_)(lr|lrs|batch|batch_size)($|_)")
 
 
-def validate_config(cfg) -> None:
-    """The generic input rules (see BaseConfig). Raises ValueError naming the --flag."""
-    positive = set(type(cfg).POSITIVE) | set(BaseConfig.POSITIVE)
-    for f in dataclasses.fields(cfg):
-        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+def validate_config(cfg, Config=None) -> None:
+    """The generic input rules (see BaseConfig), on a config or on a dict of field values (checked before
+    the script's own __post_init__ sees them). Raises ValueError naming the --flag."""
+    Config = Config or type(cfg)
+    values = cfg if isinstance(cfg, dict) else asdict(cfg)
+    positive = set(Config.POSITIVE) | set(BaseConfig.POSITIVE)
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        v, flag = values.get(f.name, default), "--" + f.name.replace("_", "-")
         vals = list(v) if isinstance(v, (tuple, list)) else [v]
-        if isinstance(v, (tuple, list)) and not v and f.name not in cfg.MAY_BE_EMPTY:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if default:
-                raise ValueError(f"{flag} needs at least one value")
+        if isinstance(v, (tuple, list)) and not v and default and f.name not in Config.MAY_BE_EMPTY:
+            raise ValueError(f"{flag} needs at least one value")
         for x in vals:
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue
@@ -91,7 +93,7 @@ def validate_config(cfg) -> None:
                 raise ValueError(f"{flag} must be a finite number (got {x})")
             if x <= 0 and (f.name in positive or _ALWAYS_POSITIVE.search(f.name)):
                 raise ValueError(f"{flag} must be > 0 (got {x})")
-            if x < 0 and f.name not in cfg.SIGNED:
+            if x < 0 and f.name not in Config.SIGNED:
                 raise ValueError(f"{flag} must be >= 0 (got {x})")
 
 
@@ -183,7 +185,7 @@ def parse_args(Config, presets: dict, argv=None):
         default = presets.get(shown, {}).get(f.name, default)
         flag = "--" + f.name.replace("_", "-")
         names = [flag] if flag == "--" + f.name else [flag, "--" + f.name]
-        note = notes.get(f.name, "")
+        note = notes.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         if f.name == "preset":
             p.add_argument(*names, default=None, metavar="{" + ",".join(presets) + "}",
                            help="preset of overrides (default: full on CUDA, quick otherwise)")
@@ -193,7 +195,7 @@ def parse_args(Config, presets: dict, argv=None):
         else:
             meta = tp.__name__.upper() if isinstance(tp, type) else "A,B,.."
             p.add_argument(*names, type=_field_parser(tp, flag), default=None, metavar=meta,
-                           help=f"{note} (default: {_show(default) or 'empty'})")
+                           help=f"{note} (default: {(_show(default) or 'empty').replace('%', '%%')})")
     ns = vars(p.parse_args(argv))
     explicit = {k: v for k, v in ns.items() if v is not None}
 
@@ -208,6 +210,7 @@ def parse_args(Config, presets: dict, argv=None):
 
 def _build(Config, kwargs):
     try:
+        validate_config(kwargs, Config)
         cfg = Config(**kwargs)
         validate_config(cfg)
         check_writable_dir(cfg.out)

@@ -1,53 +1,35 @@
 """
 The Evolution of Statistical Induction Heads: In-Context Learning Markov Chains
-Ezra Edelman*, Nikolaos Tsilivis*, Benjamin L. Edelman, Eran Malach, Surbhi Goel. NeurIPS 2024.
-arXiv:2402.11004. Official code: github.com/EzraEdelman/Evolution-of-Statistical-Induction-Heads
+Ezra Edelman*, Nikolaos Tsilivis*, Benjamin L. Edelman, Eran Malach, Surbhi Goel. NeurIPS 2024. arXiv:2402.11004
+Official code: github.com/EzraEdelman/Evolution-of-Statistical-Induction-Heads
 
-Finding: a two-layer attention-only transformer trained on Markov chains whose transition matrix is
-drawn afresh for every sequence (ICL-MC) learns in phases: it first predicts uniformly, then sits on a
-plateau where it copies the in-context *unigram* statistics, then drops abruptly to the Bayes-optimal
-in-context *bigram* predictor. The drop coincides with layer 1 becoming a previous-token head (the
-"statistical induction head"). Making unigrams useless (doubly-stochastic chains) removes the plateau
-and speeds the bigram phase up; extra unigram (i.i.d.) data delays it.
-The quick preset (k=2, T=100; ~5 min on one CPU core) prints one line per evaluation (KL(true||model),
-KL(strategy||model) for uniform / unigram / bigram, previous-token attention), the phase summary line,
-and a table beside the paper's claims. Measured (seed 0, lr 1e-3): uniform@0 -> unigram@100 ->
-bigram@600, final KL(true||model) 0.021 (Bayes bigram 0.009, unigram 0.087), previous-token attention
-0.05 -> 0.74; with k=3, doubly-stochastic training reaches the bigram phase at step 400 versus 900 for
-standard training, and a 75%-unigram mixture stays on the unigram plateau for all 1500 steps.
-
-Run:
-    python icl_markov.py --preset smoke        # seconds, what pytest runs
+Finding: a 2-layer attention-only transformer trained on Markov chains whose transition matrix is drawn
+afresh for every sequence (ICL-MC) predicts uniformly, then sits on a plateau copying in-context unigram
+statistics, then drops abruptly to the Bayes-optimal in-context bigram predictor, as layer 1 becomes a
+previous-token head (the statistical induction head). In the minimal model the 2nd layer learns first.
+Measured (quick, seeds 0-2, 423 s on 1 CPU thread): unigram from step 27 ± 1, bigram from 358 ± 37, final
+KL(true||model) 0.0191 ± 0.0006 (Bayes 0.0095, unigram 0.0870); minimal model W half-way at step 24, v at 346.
+    python icl_markov.py --preset smoke        # seconds (what pytest runs)
     python icl_markov.py                       # quick on CPU (full on CUDA)
-    python icl_markov.py --device cuda         # full: official config, 5 seeds, priors, trigrams, minimal model
-    python icl_markov.py --seeds 3             # any preset over several seeds (reports seeds_transitioned)
-
+    python icl_markov.py --device cuda         # full: official lr 5e-4, mixture sweep, trigrams
+    python icl_markov.py --seeds 3             # mean +- std over seeds 0, 1, 2
+    torchrun --standalone --nproc_per_node=2 icl_markov.py --preset smoke --device cpu
 Glossary (ours -> paper):
-    k            number of states k;  T: sequence length (block_size 100)
-    n            order of the chain: n=2 is ICL-MC (bigram), n=3 the trigram generalisation
-    P            transition matrix (k^(n-1) rows, one per context of the last n-1 tokens), rows ~ Dir(1)
-    strategy m   add-one in-context m-gram: m=0 uniform, 1 unigram, 2 bigram (= Bayes under Dir(1)), 3 trigram
-    kl_true_*    KL(P_true(.|x_T) || .) at the last position, the paper's "test loss" (KL-div loss)
-    kl_<m>_model KL(strategy_m || model), the paper's "distance to candidate strategies" (Fig. 1 right)
-    rel          Shaw-style relative position vectors r_{i-j} (the official `wpe` inside each layer)
-    MinimalModel the theory section's model: layer-1 attention softmax(v_{i-j}), layer-2 linear attention W
-
-Deviations: quick uses lr 1e-3 (official 5e-4 did not transition within 2000 steps for seed 0 in the
-spec's prototype); the data-distribution experiment uses k=3 as the official mixture plot does (k=2
-doubly-stochastic matrices have one free parameter); the minimal model's layer 1 is causal (the
-official `min_model.py` discards its `masked_fill`, so its layer 1 sees the future).
-Does not include: the paper's theory (gradient-flow analysis), 4-gram / tetragram runs, MLP variants,
-the sweep over mixture fractions, the official 200-snapshot pipeline (we evaluate during training).
-The full preset is unmeasured. A CPU check of the trigram run (k=2, d=32, lr 1e-3, seed 0) went
-uniform@0 -> unigram@250 -> bigram@750 and was still on the bigram stage at step 4000 (KL(true||model)
-0.098 = KL(true||bigram), trigram reference 0.019), so full runs it for 10000 steps; the final trigram
-stage is not verified here.
+    k, T, n       states k; sequence length (block_size 100); chain order (n=2 ICL-MC, n=3 trigrams)
+    strategy m    add-one in-context m-gram: uniform, unigram, bigram (= Bayes under Dir(1)), trigram
+    kl_true       KL(P_true(.|x_T) || model) at the last position: the paper's "test loss"
+    kl_to_model   KL(strategy || model): "distance to candidate strategies" (Fig. 1 right)
+    rel           Shaw-style relative position vectors r_{i-j} (the official per-layer `wpe`)
+    MinimalModel  the theory model: layer 1 softmax(v_{i-j}) over positions, layer 2 linear attention W
+    mix p         training chains: a fraction p unigram (i.i.d.), the rest doubly stochastic
+Does not include: the gradient-flow theory, 4-grams, MLP variants, the 200-snapshot pipeline (we evaluate
+during training). Our minimal model's layer 1 is causal (the official one sees the future).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -57,8 +39,9 @@ import torch.nn.functional as F
 
 import common
 
+NAME = "icl_markov"
 PRIORS = ("dirichlet", "doubly", "unigram", "mix")
-STRATEGY_NAMES = ("uniform", "unigram", "bigram", "trigram", "4-gram", "5-gram")
+STRATEGY_NAMES = ("uniform", "unigram", "bigram", "trigram")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -67,66 +50,68 @@ STRATEGY_NAMES = ("uniform", "unigram", "bigram", "trigram", "4-gram", "5-gram")
 @dataclass
 class Config(common.BaseConfig):
     # task
-    k: int = 2                      # number of states (vocabulary size); no special tokens
-    T: int = 100                    # input length (block_size); each chain has T+1 tokens
-    prior: str = "dirichlet"        # training prior of the main run: dirichlet | doubly | unigram | mix
-    mix_p: float = 0.75             # "mix" prior: probability a chain is unigram (else doubly-stochastic)
-    # model (official Relative_Transformer, attention only)
+    k: int = 2                      # states (vocabulary size), >= 2; no special tokens
+    T: int = 100                    # input length (block_size), >= 4; each chain has T+1 tokens
+    prior: str = "dirichlet"        # main run's training prior: dirichlet | doubly | unigram | mix
+    test_seed: int = 10_000         # seed of the fixed test chains (choices were made on other seeds)
+    n_test: int = 2048              # fixed standard ICL-MC test chains, scored at the last position
+    # model (the official Relative_Transformer: attention only, relative positions only)
     n_layer: int = 2                # attention layers
     d_model: int = 16               # width per (n-1): 16 for bigrams, 32 for the trigram run
-    dropout: float = 0.1            # embedding, relative-position, attention and residual dropout
-    # optimisation (official: AdamW, constant lr, no clipping)
-    lr: float = 1e-3                # AdamW learning rate (official 5e-4; see notes in the spec)
+    dropout: float = 0.1            # in [0, 1): on embeddings, relative vectors, attention and residual
+    # optimisation (official trainer: AdamW, constant lr, no clipping)
+    lr: float = 2e-3                # AdamW learning rate (official 5e-4; 2e-3 halves the plateau on CPU)
     weight_decay: float = 0.1       # on Linear weights only (not LayerNorm, not embeddings)
-    betas: tuple[float, ...] = (0.9, 0.95)  # AdamW betas
-    batch: int = 64                 # chains per step
-    iters: int = 1500               # training steps of the main run
-    eval_every: int = 100           # evaluate every this many steps (and at step 0)
-    n_test: int = 2048              # fixed test chains (standard ICL-MC) scored at the last position
-    # experiment 2: training prior, tested on standard ICL-MC (the official mixture plot uses k=3)
-    compare_priors: tuple[str, ...] = ("dirichlet", "doubly", "mix")  # training priors to compare
-    compare_k: int = 3              # states in experiment 2 (k=2 doubly-stochastic chains are degenerate:
-                                    # one free parameter, P = [[u, 1-u], [1-u, u]])
-    compare_iters: int = 1500       # step budget of each run of experiment 2
-    compare_stop: bool = True       # stop a run at its transition (saves time; its curve ends there)
-    # experiment 3: trigrams (n=3, n-1=2 heads in layer 1)
-    trigram_iters: int = 0          # 0 = skip
-    trigram_lr: float = 1e-3        # AdamW lr of the trigram run
-    # extra: the minimal model (theory section), SGD
-    minimal_iters: int = 0          # 0 = skip
-    minimal_lr_w: float = 1e-2      # SGD lr of W (official notebook 1e-2)
-    minimal_lr_v: float = 1.0       # SGD lr of v (hard-coded 1 in the official code)
-    minimal_batch: int = 128        # chains per SGD step
+    betas: tuple[float, ...] = (0.9, 0.95)  # AdamW betas, two values in [0, 1)
+    batch: int = 64                 # chains per step (global batch; torchrun splits it)
+    iters: int = 800                # steps of the main run
+    eval_every: int = 50            # evaluate every this many steps (and at step 0 and the end)
+    # experiment 2: unigram data mixed into doubly-stochastic training chains, tested on standard ICL-MC
+    mix_k: int = 3                  # states in experiment 2 (k=2 doubly-stochastic chains are symmetric)
+    mix_fracs: tuple[float, ...] = (0.0, 0.5)  # unigram fractions p in [0, 1); 0 = purely doubly stochastic;
+                                    # empty: skip experiment 2
+    mix_ds_iters: int = 800         # steps at p=0; fraction p gets mix_ds_iters/(1-p) steps, so every run
+                                    # has the same number of doubly-stochastic chains (the official scaling)
+    mix_standard: bool = False      # also train on the standard (Dirichlet) prior with mix_k states
+    mix_stop: bool = True           # stop each run of experiment 2 once it is past its bigram transition
+    # experiment 3: trigrams (n=3, 2 heads in layer 1)
+    trigram_iters: int = 0          # steps of the trigram run; 0 = skip
+    trigram_lr: float = 1e-3        # its AdamW learning rate
+    # experiment 4: the minimal model (SGD)
+    minimal_iters: int = 600        # SGD steps; 0 = skip
+    minimal_lr_w: float = 0.02      # SGD lr of W (layer 2; official notebook 1e-2)
+    minimal_lr_v: float = 1.0       # SGD lr of v (layer 1; hard-coded 1 in the official code)
+    minimal_batch: int = 64         # chains per SGD step (global batch)
+
+    POSITIVE = ("k", "T", "n_test", "n_layer", "d_model", "batch", "iters", "eval_every", "mix_k",
+                "mix_ds_iters", "minimal_batch")
+    GLOBAL_BATCH = ("batch", "minimal_batch")
+    MAY_BE_EMPTY = ("mix_fracs",)   # --mix-fracs , skips experiment 2
 
     def __post_init__(self):
-        if self.k < 2 or self.compare_k < 2:
-            raise ValueError(f"k={self.k}, compare_k={self.compare_k}: need at least 2 states")
+        if self.k < 2 or self.mix_k < 2:
+            raise ValueError(f"--k {self.k} / --mix-k {self.mix_k}: need at least 2 states")
         if self.T < 4:
-            raise ValueError(f"T={self.T}: sequences need at least 4 tokens")
-        for p in (self.prior, *self.compare_priors):
-            if p not in PRIORS:
-                raise ValueError(f"unknown prior '{p}' (choose from {', '.join(PRIORS)})")
-        if not 0.0 <= self.mix_p <= 1.0:
-            raise ValueError(f"mix_p={self.mix_p} must be in [0, 1]")
+            raise ValueError(f"--T {self.T}: chains need at least 4 tokens")
+        if self.prior not in PRIORS:
+            raise ValueError(f"--prior {self.prior}: choose one of {', '.join(PRIORS)}")
+        if not all(0.0 <= p < 1.0 for p in self.mix_fracs):
+            raise ValueError(f"--mix-fracs {self.mix_fracs}: each fraction must be in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        for name in ("n_layer", "d_model", "batch", "iters", "eval_every", "n_test", "minimal_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.d_model % 2:
-            raise ValueError(f"d_model={self.d_model} must be even (the trigram run splits it over 2 heads)")
-        if len(self.betas) != 2:
-            raise ValueError("betas needs two values, e.g. --betas 0.9,0.95")
+            raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"--betas {self.betas}: two values in [0, 1), e.g. 0.9,0.95")
 
 
 PRESETS = {
-    "smoke": dict(T=32, batch=16, iters=60, eval_every=30, n_test=256, compare_priors=("dirichlet", "doubly"),
-                  compare_k=2, compare_iters=30, trigram_iters=20, minimal_iters=20, minimal_batch=16),
-    "quick": dict(lr=1e-3, iters=1500, eval_every=100, n_test=2048, compare_priors=("dirichlet", "doubly", "mix"),
-                  compare_iters=1500),
-    # official config (lr 5e-4, batch 64, dropout 0.1) run longer, 5 seeds, all experiments; unmeasured
-    "full": dict(lr=5e-4, iters=4000, eval_every=50, n_test=4096, seeds=5, compare_priors=("dirichlet", "doubly", "mix"),
-                 compare_iters=4000, compare_stop=False, trigram_iters=10000, minimal_iters=2000),
+    # T=32, lr 5e-3, seed 100: the bigram phase arrives by step ~150 (~2 s), so the smoke test can assert it
+    # (the plateau length varies by seed: seed 0 is still on it at step 240)
+    "smoke": dict(seed=100, T=32, n_test=256, batch=64, iters=240, eval_every=20, lr=5e-3, mix_fracs=(0.0, 0.5),
+                  mix_ds_iters=40, trigram_iters=20, minimal_iters=60, minimal_batch=32),
+    "quick": dict(seeds=3),
+    # official lr 5e-4, the whole mixture sweep and the trigram hierarchy; sized for one H100/H200 (unmeasured)
+    "full": dict(lr=5e-4, iters=3000, seeds=5, n_test=4096, mix_fracs=(0.0, 0.25, 0.5, 0.75),
+                 mix_ds_iters=1500, mix_standard=True, mix_stop=False, trigram_iters=8000, minimal_iters=1500),
 }
 
 # -----------------------------------------------------------------------------
@@ -140,11 +125,10 @@ def dirichlet1(shape, gen) -> torch.Tensor:
 
 
 def doubly_stochastic(B, k, gen) -> torch.Tensor:
-    """(B, k, k) matrices whose rows and columns sum to 1.
+    """(B, k, k) matrices whose rows and columns sum to 1 (uniform stationary law: unigrams are useless).
 
-    k <= 4: exactly uniform on the Birkhoff polytope (official method): fill the top-left (k-1)x(k-1)
-    block with U[0,1], complete the last row/column, reject if any entry of the completion is < 0.
-    k >= 5: Sinkhorn-normalised Dir(1) rows (not uniform; the official code does this for k >= 6).
+    k <= 4: uniform on the Birkhoff polytope (official method): fill the top-left (k-1)x(k-1) block with
+    U[0,1], complete the last row and column, reject if an entry is < 0. k >= 5: Sinkhorn on Dir(1) rows.
     """
     if k > 4:
         P = dirichlet1((B, k, k), gen)
@@ -152,30 +136,35 @@ def doubly_stochastic(B, k, gen) -> torch.Tensor:
             P = P / P.sum(-2, keepdim=True)
             P = P / P.sum(-1, keepdim=True)
         return P
-    out = []
-    while sum(len(o) for o in out) < B:
+    out, have = [], 0
+    while have < B:
         A = torch.rand((4 * B + 16, k - 1, k - 1), generator=gen)
         M = torch.zeros(len(A), k, k)
         M[:, :-1, :-1] = A
         M[:, :-1, -1] = 1 - A.sum(-1)                 # last column completes the rows
         M[:, -1, :] = 1 - M[:, :-1, :].sum(-2)        # last row completes the columns
         out.append(M[(M >= 0).flatten(1).all(-1)])
+        have += len(out[-1])
     return torch.cat(out)[:B]
 
 
 def sample_transition_matrices(B, k, n=2, prior="dirichlet", gen=None, mix_p=0.5) -> torch.Tensor:
-    """(B, k^(n-1), k) row-stochastic P, one per chain. Row c is the next-token law after context c."""
+    """(B, k^(n-1), k) row-stochastic P, one per chain; row c is the next-token law after context c.
+
+    mix: exactly round(mix_p * B) chains of the batch are unigram (every row the same p ~ Dir(1), i.e.
+    i.i.d. tokens), the others doubly stochastic.
+    """
     if prior == "dirichlet":
         return dirichlet1((B, k ** (n - 1), k), gen)
     if n != 2:
         raise ValueError(f"prior '{prior}' is defined for bigram chains (n=2) only")
     if prior == "doubly":
         return doubly_stochastic(B, k, gen)
-    uni = dirichlet1((B, 1, k), gen).expand(B, k, k).contiguous()   # every row the same p: i.i.d. tokens
+    uni = dirichlet1((B, 1, k), gen).expand(B, k, k).contiguous()
     if prior == "unigram":
         return uni
     if prior == "mix":
-        is_uni = torch.rand(B, generator=gen) < mix_p
+        is_uni = torch.randperm(B, generator=gen) < round(mix_p * B)
         return torch.where(is_uni[:, None, None], uni, doubly_stochastic(B, k, gen))
     raise ValueError(f"unknown prior '{prior}'")
 
@@ -197,12 +186,11 @@ def lifted_chain(P: torch.Tensor) -> torch.Tensor:
 def stationary(L: torch.Tensor) -> torch.Tensor:
     """(B, S, S) row-stochastic -> (B, S) pi with pi L = pi, sum pi = 1 (exact linear solve).
 
-    (The official utils.stationary_distribution returns the uniform vector for k < 5: P^16 averaged
-    over the wrong axis. We use the real pi, as the paper intends.)
+    (The official utils.stationary_distribution returns the uniform vector for k < 5; we use the real pi.)
     """
     B, S, _ = L.shape
     A = L.double().transpose(1, 2) - torch.eye(S, dtype=torch.float64)  # (L^T - I) pi = 0
-    A[:, -1, :] = 1.0                                                  # replace one equation by sum = 1
+    A[:, -1, :] = 1.0                                                  # one equation becomes sum = 1
     b = torch.zeros(B, S, dtype=torch.float64)
     b[:, -1] = 1.0
     pi = torch.linalg.solve(A, b).clamp_min(0)
@@ -221,12 +209,11 @@ def sample_chains(P: torch.Tensor, length: int, gen=None) -> torch.Tensor:
     pi_cdf = stationary(lifted_chain(P)).cumsum(-1)                     # (B, S)
     ctx = (pi_cdf < u[:, :1]).sum(-1).clamp(max=S - 1)                  # (B,) first context
     x = torch.empty(B, length, dtype=torch.long)
-    for j in range(n1):                                                 # decode its n-1 digits
+    for j in range(n1):                                                 # its n-1 digits
         x[:, j] = (ctx // k ** j) % k
     rows = torch.arange(B)
     for t in range(n1, length):
-        c = cdf[rows, ctx]                                              # (B, k)
-        tok = (c < u[:, t:t + 1]).sum(-1).clamp(max=k - 1)              # (B,)
+        tok = (cdf[rows, ctx] < u[:, t:t + 1]).sum(-1).clamp(max=k - 1)  # (B,)
         x[:, t] = tok
         ctx = ctx // k + tok * (S // k)
     return x
@@ -243,6 +230,15 @@ def sample_icl_mc(B, T, k, n=2, prior="dirichlet", gen=None, mix_p=0.5):
     return sample_chains(P, T + 1, gen), P
 
 
+def chain_stream(batch, T, k, n, prior, gen, device, mix_p=0.5, chunk=32):
+    """Endless (input, target) global batches of fresh chains, sampled `chunk` batches at a time (the
+    sampler's per-token loop costs the same for 64 chains as for 2048)."""
+    while True:
+        x, _ = sample_icl_mc(batch * chunk, T, k, n, prior, gen, mix_p)
+        for xb in x.to(device).split(batch):
+            yield xb[:, :-1], xb[:, 1:]
+
+
 def context_index(x: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """Index of the last n-1 tokens of each row of x (B, T) -> (B,)."""
     if n == 1:
@@ -251,100 +247,15 @@ def context_index(x: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return (w * (k ** torch.arange(n - 1, device=x.device))).sum(-1)
 
 # -----------------------------------------------------------------------------
-# Reference strategies and metrics (last position)
-
-
-def ngram_strategy(x: torch.Tensor, k: int, m: int, alpha: float = 1.0) -> torch.Tensor:
-    """Add-alpha in-context m-gram prediction of the token after x (B, T) -> (B, k).
-
-    m=0 uniform; m=1 unigram (count_j + 1)/(T + k); m=2 bigram: counts of transitions out of the last
-    token, (count(x_T -> j) + 1)/(count(x_T -> .) + k) -- the Dir(1) posterior mean, i.e. Bayes-optimal.
-    Example: x = 0 1 0 1 0, m=2: 0->1 twice, 0->0 never -> (1/4, 3/4).
-    """
-    B, T = x.shape
-    if m == 0:
-        return torch.full((B, k), 1.0 / k, device=x.device)
-    win = x.unfold(1, m, 1)                                   # (B, T-m+1, m): x[t:t+m]
-    ctx, nxt = win[..., :-1], win[..., -1]
-    last = x[:, T - m + 1:]                                   # (B, m-1) the current context
-    match = (ctx == last[:, None, :]).all(-1)                 # (B, T-m+1); all True for m=1
-    counts = (F.one_hot(nxt, k) * match[..., None]).sum(1).float()   # (B, k)
-    return (counts + alpha) / (counts.sum(-1, keepdim=True) + k * alpha)
-
-
-def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p || q) for (B, k) distributions."""
-    return (torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))).sum(-1).mean()
-
-
-def make_test_set(cfg, n, seed, n_test=None):
-    """Fixed standard ICL-MC test chains with everything the metrics need precomputed."""
-    g = torch.Generator().manual_seed(seed)
-    x, P = sample_icl_mc(n_test or cfg.n_test, cfg.T, cfg.k, n, "dirichlet", g)
-    inp = x[:, :-1]                                                      # (N, T) the model sees this
-    p_true = P[torch.arange(len(P)), context_index(inp, cfg.k, n)]      # (N, k) law of token T+1
-    strat = [ngram_strategy(inp, cfg.k, m) for m in range(n + 1)]       # uniform .. n-gram
-    return dict(x=inp, p_true=p_true, strat=strat, n=n,
-                kl_true_strategy=[kl(p_true, s).item() for s in strat])
-
-
-@torch.no_grad()
-def evaluate(model, test, device, chunk=512) -> dict:
-    """KL(true||model), KL(strategy_m||model) and the layer-1 attention mass at distance 1 and 2."""
-    model.eval()
-    qs, d1, d2 = [], [], []
-    for i in range(0, len(test["x"]), chunk):
-        xb = test["x"][i:i + chunk].to(device)
-        logits, _, attn = model(xb, return_attn=True)
-        qs.append(F.softmax(logits[:, -1].float(), -1).cpu())
-        a = attn[0].float() if attn else None                           # (B, H, T, T) layer 1
-        if a is not None:
-            d1.append(a.diagonal(-1, -2, -1).mean((0, 2)).cpu())        # (H,) mass on x_{i-1}
-            d2.append(a.diagonal(-2, -2, -1).mean((0, 2)).cpu())        # (H,) mass on x_{i-2}
-    q = torch.cat(qs)
-    out = {"kl_true_model": kl(test["p_true"], q).item()}
-    for m, s in enumerate(test["strat"]):
-        out[f"kl_{STRATEGY_NAMES[m]}_model"] = kl(s, q).item()
-    if d1:
-        d1, d2 = torch.stack(d1).mean(0), torch.stack(d2).mean(0)
-        out["prev_token_attn"] = d1.max().item()                         # best previous-token head
-        if len(d1) > 1:
-            out["prev2_token_attn"] = d2.max().item()                    # best distance-2 head
-    return out
-
-
-def phase_of(res: dict, n: int) -> str:
-    """Name of the strategy closest to the model (the paper shades its Fig. 1 by this argmin)."""
-    return min(STRATEGY_NAMES[:n + 1], key=lambda s: res[f"kl_{s}_model"])
-
-
-def phases(evals, n) -> list:
-    """[(phase, first step)] each time the closest strategy changes."""
-    out = []
-    for step, res in evals:
-        ph = phase_of(res, n)
-        if not out or out[-1][0] != ph:
-            out.append((ph, step))
-    return out
-
-
-def transition_iter(evals, lo="unigram", hi="bigram"):
-    """First evaluated step where KL(hi||model) < KL(lo||model); None if never."""
-    for step, res in evals:
-        if res[f"kl_{hi}_model"] < res[f"kl_{lo}_model"]:
-            return step
-    return None
-
-# -----------------------------------------------------------------------------
-# Models
+# Model
 
 
 class RelAttention(nn.Module):
-    """Pre-norm causal self-attention with Shaw-style relative positions, plus its residual.
+    """Pre-norm causal self-attention with Shaw-style relative positions, plus its residual branch.
 
-    score_ij = (q_i . k_j + q_i . r_{i-j}) / sqrt(hd) for j <= i; r is a (T+1, d) table whose last row
-    is the padding row the future pairs point at (masked anyway). Dropout on the gathered r vectors
-    (one mask per (i, j) pair), on the attention weights and on the residual branch, as the official code.
+    score_ij = (q_i . k_j + q_i . r_{i-j}) / sqrt(hd) for j <= i. r is a (T+1, d) table whose last row
+    is the padding row that future pairs point at (masked anyway). Dropout on the gathered r vectors (one
+    mask per (i, j) pair), on the attention weights and on the residual branch, as the official code.
     """
 
     def __init__(self, d, n_head, block_size, dropout=0.0):
@@ -368,8 +279,7 @@ class RelAttention(nn.Module):
         q, k, v = (m(h).view(B, T, H, hd).transpose(1, 2) for m in (self.Q, self.K, self.V))  # (B, H, T, hd)
         r = self.rel_drop(self.rel(self.rel_idx[:T, :T])).view(T, T, H, hd)                    # (T, T, H, hd)
         att = (q @ k.transpose(-2, -1) + torch.einsum("bhie,ijhe->bhij", q, r)) / math.sqrt(hd)  # (B, H, T, T)
-        att = att.masked_fill(self.rel_idx[:T, :T] == self.rel.padding_idx, float("-inf"))
-        att = F.softmax(att, dim=-1)
+        att = att.masked_fill(self.rel_idx[:T, :T] == self.rel.padding_idx, float("-inf")).softmax(-1)
         y = self.attn_drop(att) @ v                                                             # (B, H, T, hd)
         x = x + self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))               # (B, T, C)
         return x, (att if return_attn else None)
@@ -377,7 +287,7 @@ class RelAttention(nn.Module):
 
 class AttnOnlyTransformer(nn.Module):
     """The official `Relative_Transformer`: embeddings, n_layer RelAttention (heads_first_layer heads in
-    layer 1, one head after), ln_f, lm_head. No MLP, no absolute positions. 5440 parameters for k=2."""
+    layer 1, one after), ln_f, lm_head. No MLP, no absolute positions. 5440 parameters for k=2, T=100."""
 
     def __init__(self, k, block_size, d=16, n_layer=2, heads_first_layer=1, dropout=0.1):
         super().__init__()
@@ -393,29 +303,28 @@ class AttnOnlyTransformer(nn.Module):
         for layer in self.layers:
             nn.init.normal_(layer.c_proj.weight, 0.0, 0.01)
 
-    def forward(self, idx, targets=None, return_attn=False):
+    def forward(self, idx, return_attn=False):
         x = self.drop(self.wte(idx))                        # (B, T, d)
         attns = []
         for layer in self.layers:
             x, a = layer(x, return_attn)
             attns.append(a)
-        logits = self.lm_head(self.ln_f(x))                 # (B, T, k)
-        loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return (logits, loss, attns) if return_attn else (logits, loss)
+        return self.lm_head(self.ln_f(x)), attns            # (B, T, k), per-layer (B, H, T, T) or None
 
 
 class MinimalModel(nn.Module):
-    """The theory section's model, with a causal layer 1.
+    """The theory section's model (with a causal layer 1).
 
-    layer 1: a_ij = softmax_{j<=i}(v_{i-j}),  h_i = sum_j a_ij e_{x_j}           (positional only)
+    layer 1: a_ij = softmax_{j<=i}(v_{i-j}),  h_i = sum_j a_ij e_{x_j}           (positions only)
     layer 2: logits_t = sum_{j<=t} (e_{x_t}^T W h_j) e_{x_j}                      (linear attention)
     With v peaked at distance 1 and W = c I the logits are c x (in-context bigram counts from x_t).
+    Init (official): v = 0 (uniform attention: unigram-like), every entry of W = 0.01.
     """
 
     def __init__(self, k, block_size):
         super().__init__()
         self.k = k
-        self.v = nn.Parameter(torch.zeros(block_size))          # v[d]: layer-1 logit for distance d
+        self.v = nn.Parameter(torch.zeros(block_size))          # v[d]: layer-1 logit of distance d
         self.W = nn.Parameter(torch.full((k, k), 0.01))
         dist = torch.arange(block_size)[:, None] - torch.arange(block_size)[None, :]
         self.register_buffer("dist", dist, persistent=False)
@@ -426,103 +335,391 @@ class MinimalModel(nn.Module):
         a = self.v[dist.clamp(min=0)].masked_fill(dist < 0, float("-inf")).softmax(-1)   # (T, T)
         return a @ e, a                                                                     # (B, T, k)
 
-    def forward(self, idx, targets=None, return_attn=False):
+    def forward(self, idx, return_attn=False):
         e = F.one_hot(idx, self.k).float()                       # (B, T, k)
         h, a = self.layer1(e)
         s = (e @ self.W @ h.transpose(1, 2)).tril()              # (B, T, T): e_t^T W h_j for j <= t
-        logits = s @ e                                           # (B, T, k)
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        if return_attn:
-            return logits, loss, [a.expand(idx.shape[0], 1, -1, -1)]
-        return logits, loss
+        attn = [a.expand(idx.shape[0], 1, -1, -1)] if return_attn else [None]
+        return s @ e, attn                                       # (B, T, k)
+
+
+def make_transformer(cfg, k, n, seed):
+    torch.manual_seed(seed)
+    return AttnOnlyTransformer(k, cfg.T, cfg.d_model * (n - 1), cfg.n_layer, n - 1, cfg.dropout).to(cfg.device)
 
 # -----------------------------------------------------------------------------
-# Training runs
+# Training: one loop for the transformer (AdamW) and the minimal model (SGD)
+
+
+def train(model, opt, cfg, stream, steps, desc, eval_fn=None, stop_fn=None, every=None):
+    """The official trainer: constant lr (no warmup, no decay), no gradient clipping, next-token CE on
+    all T positions. The global batch from `stream` is split over torchrun ranks (token-weighted loss).
+    At step 0, every `every` (default cfg.eval_every) steps and at the end rank 0 calls eval_fn(model, step); when
+    stop_fn(evals so far) says so, every rank stops. Returns {"step", "loss", "evals": [(step, dict)]}."""
+    device, every = torch.device(cfg.device), every or cfg.eval_every
+    fwd = common.wrap_ddp(model, device)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    hist, t0 = {"step": [], "loss": [], "evals": []}, time.time()
+    bar = common.progress(range(steps + 1), desc)
+    for step in bar:
+        if eval_fn and (step % every == 0 or step == steps):
+            res = eval_fn(model, step) if common.is_main() else {}
+            hist["evals"].append((step, res))
+            if common.broadcast_flag(bool(stop_fn and common.is_main() and stop_fn(hist["evals"])), device):
+                break
+        if step == steps:
+            break
+        inp, tgt = common.shard(*next(stream))                   # this rank's rows of the global batch
+        model.train()
+        with common.autocast(device):
+            logits = fwd(inp)[0]
+            loss = common.token_mean(*common.cross_entropy_sum(logits, tgt))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            hist["step"].append(step)
+            hist["loss"].append(common.global_mean(loss))
+            bar.set_postfix_str(common.step_log(step + 1, steps, t0, loss=hist["loss"][-1]))
+    return hist
+
+
+def adamw(model, lr, cfg):
+    """Official optimizer: AdamW, decay on Linear weights only (not LayerNorm, token or relative embeddings)."""
+    return common.configure_adamw(model, lr, cfg.weight_decay, tuple(cfg.betas), no_decay=("wte.weight", "rel.weight"))
+
+# -----------------------------------------------------------------------------
+# Evaluation: reference strategies and the metrics (last position)
+
+
+def ngram_strategy(x: torch.Tensor, k: int, m: int, alpha: float = 1.0) -> torch.Tensor:
+    """Add-alpha in-context m-gram prediction of the token after x (B, T) -> (B, k).
+
+    m=0 uniform; m=1 unigram (count_j + 1)/(T + k); m=2 bigram: counts of transitions out of the last
+    token, (count(x_T -> j) + 1)/(count(x_T -> .) + k), the Dir(1) posterior mean (Bayes-optimal).
+    Example: x = 0 1 0 1 0, m=2: 0->1 twice, 0->0 never -> (1/4, 3/4).
+    """
+    B, T = x.shape
+    if m == 0:
+        return torch.full((B, k), 1.0 / k, device=x.device)
+    win = x.unfold(1, m, 1)                                   # (B, T-m+1, m): x[t:t+m]
+    ctx, nxt = win[..., :-1], win[..., -1]
+    last = x[:, T - m + 1:]                                   # (B, m-1) the current context
+    match = (ctx == last[:, None, :]).all(-1)                 # (B, T-m+1); all True for m=1
+    counts = (F.one_hot(nxt, k) * match[..., None]).sum(1).float()   # (B, k)
+    return (counts + alpha) / (counts.sum(-1, keepdim=True) + k * alpha)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q) = sum_j p_j log(p_j / q_j) for (B, k) distributions."""
+    return (torch.xlogy(p, p) - p * torch.log(q.clamp_min(1e-30))).sum(-1).mean()
+
+
+def make_test_set(k, T, n, n_test, seed):
+    """Fixed standard ICL-MC test chains with everything the metrics need precomputed."""
+    g = torch.Generator().manual_seed(seed)
+    x, P = sample_icl_mc(n_test, T, k, n, "dirichlet", g)
+    inp = x[:, :-1]                                                      # (N, T) the model sees this
+    p_true = P[torch.arange(len(P)), context_index(inp, k, n)]          # (N, k) law of token T+1
+    strat = [ngram_strategy(inp, k, m) for m in range(n + 1)]           # uniform .. n-gram
+    return dict(x=inp, p_true=p_true, strat=strat, n=n, kl_true_strategy=[kl(p_true, s).item() for s in strat])
+
+
+@torch.no_grad()
+def evaluate(model, test, device, chunk=1024) -> dict:
+    """KL(true||model), KL(strategy_m||model) at the last position, and layer 1's attention mass on the
+    previous token (distance 1) and at distance 2, averaged over positions, best head."""
+    model.eval()
+    qs, d1, d2 = [], [], []
+    for i in range(0, len(test["x"]), chunk):
+        logits, attns = model(test["x"][i:i + chunk].to(device), return_attn=True)
+        qs.append(F.softmax(logits[:, -1].float(), -1).cpu())
+        a = attns[0].float()                                            # (B, H, T, T) layer 1
+        d1.append(a.diagonal(-1, -2, -1).mean((0, 2)).cpu())            # (H,) mass on x_{i-1}
+        d2.append(a.diagonal(-2, -2, -1).mean((0, 2)).cpu())            # (H,) mass on x_{i-2}
+    q = torch.cat(qs)
+    out = {"kl_true_model": kl(test["p_true"], q).item()}
+    for m, s in enumerate(test["strat"]):
+        out[f"kl_{STRATEGY_NAMES[m]}_model"] = kl(s, q).item()
+    out["prev_token_attn"] = torch.stack(d1).mean(0).max().item()
+    out["prev2_token_attn"] = torch.stack(d2).mean(0).max().item()
+    return out
+
+
+def phase_of(res: dict, n: int) -> str:
+    """The strategy closest to the model (the paper shades Fig. 1 by this argmin)."""
+    return min(STRATEGY_NAMES[:n + 1], key=lambda s: res[f"kl_{s}_model"])
+
+
+def crossing(evals, lo, hi):
+    """Step at which KL(hi||model) first drops below KL(lo||model), interpolated linearly between the
+    two evaluations around it; None if it never does."""
+    prev = None
+    for step, res in evals:
+        d = res[f"kl_{hi}_model"] - res[f"kl_{lo}_model"]
+        if d < 0:
+            if prev is None:
+                return float(step)
+            s0, d0 = prev
+            return s0 + (step - s0) * d0 / (d0 - d)
+        prev = (step, d)
+    return None
 
 
 def fmt_eval(step, res, n):
     parts = [f"KL(true||m) {res['kl_true_model']:.4f}"] + \
             [f"{STRATEGY_NAMES[m]} {res[f'kl_{STRATEGY_NAMES[m]}_model']:.4f}" for m in range(n + 1)]
-    if "prev_token_attn" in res:
-        parts.append(f"attn@1 {res['prev_token_attn']:.3f}")
-    if "prev2_token_attn" in res:
-        parts.append(f"attn@2 {res['prev2_token_attn']:.3f}")
-    return f"  step {step:5d} | " + " | ".join(parts) + f" | {phase_of(res, n)}"
+    return f"  step {step:5d} | " + " | ".join(parts) + f" | attn@1 {res['prev_token_attn']:.3f} | closest: {phase_of(res, n)}"
 
 
-def train_transformer(cfg, test, *, prior, n=2, iters, lr, seed, tag, stop_at_transition=False):
-    """Train the attention-only transformer on `prior` chains; evaluate on the standard test set."""
-    device = torch.device(cfg.device)
-    torch.manual_seed(seed)
-    model = AttnOnlyTransformer(cfg.k, cfg.T, cfg.d_model * (n - 1), cfg.n_layer, n - 1, cfg.dropout).to(device)
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def get_batch(step):
-        x, _ = sample_icl_mc(cfg.batch, cfg.T, cfg.k, n, prior, gen, cfg.mix_p)
-        x = x.to(device)
-        return x[:, :-1], x[:, 1:]
-
-    evals = []
+def train_transformer(cfg, test, k, n, prior, steps, lr, seed, desc, mix_p=0.5, stop_after=None, verbose=False):
+    """A fresh transformer trained on `prior` chains and evaluated on the standard test chains `test`.
+    stop_after: stop once the (n-1)-gram -> n-gram crossing lies this many steps back (None: never)."""
+    model = make_transformer(cfg, k, n, seed)
+    stream = chain_stream(cfg.batch, cfg.T, k, n, prior, torch.Generator().manual_seed(seed + 1), cfg.device, mix_p)
 
     def eval_fn(m, step):
-        res = evaluate(m, test, device)
-        evals.append((step, res))
-        common.print0(fmt_eval(step, res, n))
-        hit = res["kl_bigram_model"] < res["kl_unigram_model"] if n == 2 else \
-            res["kl_trigram_model"] < res["kl_bigram_model"]
-        return {"stop": int(stop_at_transition and hit)}
+        res = evaluate(m, test, cfg.device)
+        if verbose:
+            common.print0(fmt_eval(step, res, n))
+        return res
 
-    common.print0(f"[{tag}] prior={prior} n={n} k={cfg.k} T={cfg.T} lr={lr} iters={iters} "
-                  f"params={common.count_params(model)}")
-    eval_fn(model, 0)
-    # official trainer: AdamW, constant lr, no warmup, no clipping; no decay on LayerNorm or embeddings
-    opt = common.configure_adamw(model, lr, cfg.weight_decay, tuple(cfg.betas), no_decay=("wte.weight", "rel.weight"))
-    hist = common.train(model, get_batch, steps=iters, lr=lr, device=device, warmup=0, schedule="constant",
-                        grad_clip=0.0, optimizer=opt, eval_fn=eval_fn, eval_every=cfg.eval_every,
-                        compile=cfg.compile, desc=tag, log_every=10, quiet=True)
-    return model, evals, {"step": hist["step"], "loss": hist["loss"], "time_s": hist["time_s"]}
-
-
-def train_minimal(cfg, test, seed):
-    """SGD on the minimal model with separate learning rates for W and v (official: lr_v = 1)."""
-    torch.manual_seed(seed)
-    model = MinimalModel(cfg.k, cfg.T)
-    opt = torch.optim.SGD([{"params": [model.W], "lr": cfg.minimal_lr_w},
-                           {"params": [model.v], "lr": cfg.minimal_lr_v}])
-    gen = torch.Generator().manual_seed(seed + 2)
-    every = max(1, cfg.minimal_iters // 10)
-    evals, traj = [], []
-    common.print0(f"[minimal] k={cfg.k} T={cfg.T} SGD lr_W={cfg.minimal_lr_w} lr_v={cfg.minimal_lr_v} "
-                  f"iters={cfg.minimal_iters}")
-    for step in range(cfg.minimal_iters + 1):
-        if step % every == 0 or step == cfg.minimal_iters:
-            res = evaluate(model, test, "cpu")
-            evals.append((step, res))
-            Wd = model.W.detach()
-            traj.append(dict(step=step, W_diag=Wd.diag().mean().item(),
-                             W_offdiag=((Wd.sum() - Wd.diag().sum()) / max(1, cfg.k * (cfg.k - 1))).item(),
-                             v0=model.v[0].item(), v1=model.v[1].item()))
-            common.print0(fmt_eval(step, res, 2) + f" | W diag-off {traj[-1]['W_diag'] - traj[-1]['W_offdiag']:.3f}"
-                          f" | v1-v0 {traj[-1]['v1'] - traj[-1]['v0']:.3f}")
-        if step == cfg.minimal_iters:
-            break
-        x, _ = sample_icl_mc(cfg.minimal_batch, cfg.T, cfg.k, 2, "dirichlet", gen)
-        model.train()
-        loss = model(x[:, :-1], x[:, 1:])[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return evals, traj
+    lo, hi = STRATEGY_NAMES[n - 1], STRATEGY_NAMES[n]
+    stop = None if stop_after is None else (
+        lambda ev: (c := crossing(ev, lo, hi)) is not None and ev[-1][0] - c >= stop_after)
+    return model, train(model, adamw(model, lr, cfg), cfg, stream, steps, desc, eval_fn, stop)
 
 # -----------------------------------------------------------------------------
-# Figure
+# Experiments: one per claim; each returns (metrics, curves for the figure)
 
 
-def plot_figure(path, main, ref, runs: dict, ref_c, tri=None, minimal=None):
-    """Four panels: (1) KL(strategy||model) over training of the main run, (2) KL(true||model) per
-    training prior, (3) the trigram hierarchy (or the minimal model), (4) layer-1 previous-token
-    attention. One figure with panels instead of common.plot's single axes, so the four experiments
-    sit side by side. Missing matplotlib is one printed line."""
+def seconds_since(t0):
+    return round(time.time() - t0, 1)
+
+
+def exp_phases(cfg, test, seed):
+    """Claim 1 + mechanism: uniform -> unigram plateau -> abrupt drop to the bigram (Bayes) predictor, while
+    layer 1 becomes a previous-token head."""
+    model, hist = train_transformer(cfg, test, cfg.k, 2, cfg.prior, cfg.iters, cfg.lr, seed,
+                                    f"main k={cfg.k} seed {seed}", verbose=True)
+    if not common.is_main():
+        return {}, None
+    ev, ref = hist["evals"], test["kl_true_strategy"]
+    fin = ev[-1][1]
+    uni, bi = crossing(ev, "uniform", "unigram"), crossing(ev, "unigram", "bigram")
+    before = [r["prev_token_attn"] for s, r in ev if bi is None or s < bi]
+    m = {common.mkey("kl_true", s, "ref"): ref[i] for i, s in enumerate(STRATEGY_NAMES[:3])}
+    m.update({common.mkey("kl_to_model", s, "final"): fin[f"kl_{s}_model"] for s in STRATEGY_NAMES[:3]})
+    m.update({"kl_true/transformer/final": fin["kl_true_model"],
+              "phase_step/unigram/main": math.nan if uni is None else uni,
+              "phase_step/bigram/main": math.nan if bi is None else bi,
+              "reached/bigram/main": float(bi is not None),
+              "prev_token_attn/main/before": max(before), "prev_token_attn/main/final": fin["prev_token_attn"],
+              "n_params/transformer/main": common.count_params(model)})
+    common.print0(f"main seed {seed}: unigram phase from step {common.fmt(uni, 0)}, bigram from step "
+                  f"{common.fmt(bi, 0)}; final KL(true||model) {fin['kl_true_model']:.4f} "
+                  f"(bigram {ref[2]:.4f}, unigram {ref[1]:.4f})")
+    return m, ev
+
+
+def exp_mixture(cfg, seed):
+    """Claim 2: unigram (i.i.d.) chains mixed into doubly-stochastic ones delay the bigram solution. Fraction p
+    trains mix_ds_iters/(1-p) steps, so every run sees the same number of doubly-stochastic (DS) chains;
+    the transition is then compared at equal DS chains and, from the same runs, at equal steps."""
+    test = make_test_set(cfg.mix_k, cfg.T, 2, cfg.n_test, cfg.test_seed + 1)
+    plan = [("standard", "dirichlet", 0.0)] if cfg.mix_standard else []
+    plan += [(f"p{p:g}", "mix", p) for p in cfg.mix_fracs]
+    m, curves = {}, {}
+    for name, prior, p in plan:
+        steps = math.ceil(cfg.mix_ds_iters / (1 - p))
+        _, hist = train_transformer(cfg, test, cfg.mix_k, 2, prior, steps, cfg.lr, seed, f"k={cfg.mix_k} {name}",
+                                    mix_p=p, stop_after=cfg.eval_every if cfg.mix_stop else None)
+        if not common.is_main():
+            continue
+        ev = hist["evals"]
+        t = crossing(ev, "unigram", "bigram")
+        ds = 0.0 if prior == "dirichlet" else 1 - p                    # fraction of DS chains in a batch
+        m[common.mkey("transition_step", "mix", name)] = math.nan if t is None else t
+        m[common.mkey("reached", "mix", name)] = float(t is not None)
+        if ds:
+            m[common.mkey("transition_ds_kseq", "mix", name)] = math.nan if t is None else t * cfg.batch * ds / 1000
+        curves[name] = (p, ds, ev)
+        common.print0(f"  k={cfg.mix_k} {name}: bigram transition at step {common.fmt(t, 0)} of {steps}" +
+                      (f" = {t * cfg.batch * ds / 1000:.1f}k doubly-stochastic chains" if ds and t else ""))
+    base = "p0" if 0.0 in cfg.mix_fracs else None
+    for name in curves:
+        if base and name not in (base, "standard"):
+            for fam in ("transition_step", "transition_ds_kseq"):
+                m[common.mkey(fam.replace("transition", "delay"), "mix", name)] = \
+                    m[common.mkey(fam, "mix", name)] - m[common.mkey(fam, "mix", base)]
+    return m, (curves, test["kl_true_strategy"])
+
+
+def exp_trigram(cfg, seed):
+    """Claim 3 (n-grams): on trigram chains the model passes uniform -> unigram -> bigram -> trigram."""
+    test = make_test_set(cfg.k, cfg.T, 3, cfg.n_test, cfg.test_seed + 2)
+    _, hist = train_transformer(cfg, test, cfg.k, 3, "dirichlet", cfg.trigram_iters, cfg.trigram_lr, seed,
+                                f"trigram k={cfg.k}", verbose=False)
+    if not common.is_main():
+        return {}, None
+    ev, ref = hist["evals"], test["kl_true_strategy"]
+    m = {common.mkey("kl_true", s, "trigram_ref"): ref[i] for i, s in enumerate(STRATEGY_NAMES)}
+    m["kl_true/transformer/trigram_final"] = ev[-1][1]["kl_true_model"]
+    for lo, hi in zip(STRATEGY_NAMES, STRATEGY_NAMES[1:]):
+        c = crossing(ev, lo, hi)
+        m[common.mkey("phase_step", hi, "trigram")] = math.nan if c is None else c
+    common.print0("trigram stages from step: " + ", ".join(
+        f"{s} {common.fmt(m[common.mkey('phase_step', s, 'trigram')], 0)}" for s in STRATEGY_NAMES[1:]))
+    return m, (ev, ref)
+
+
+def half_rise(steps, ys):
+    """Step (interpolated) at which ys first covers half of its change from the first to the last value."""
+    target = ys[0] + 0.5 * (ys[-1] - ys[0])
+    sign = 1.0 if ys[-1] >= ys[0] else -1.0
+    for i in range(1, len(ys)):
+        if sign * (ys[i] - target) >= 0:
+            a, b = ys[i - 1], ys[i]
+            return steps[i - 1] + (steps[i] - steps[i - 1]) * ((target - a) / (b - a) if b != a else 1.0)
+    return math.nan
+
+
+def diag_gap(W: torch.Tensor) -> float:
+    """Mean diagonal minus mean off-diagonal entry of a (k, k) matrix: how far layer 2 is along c * I."""
+    k = W.shape[0]
+    return (W.diag().mean() - (W.sum() - W.diag().sum()) / (k * (k - 1))).item()
+
+
+def exp_minimal(cfg, test, seed):
+    """Claim 4 (theory): in the minimal model the 2nd layer (W, diagonal gap) moves before the 1st (v: attention
+    on the previous token); the gradient to v grows with how diagonal W already is."""
+    torch.manual_seed(seed)
+    model = MinimalModel(cfg.k, cfg.T).to(cfg.device)
+    opt = torch.optim.SGD([{"params": [model.W], "lr": cfg.minimal_lr_w}, {"params": [model.v], "lr": cfg.minimal_lr_v}])
+    stream = chain_stream(cfg.minimal_batch, cfg.T, cfg.k, 2, "dirichlet", torch.Generator().manual_seed(seed + 2), cfg.device)
+
+    def eval_fn(mdl, step):
+        res = evaluate(mdl, test, cfg.device)
+        res["W_gap"] = diag_gap(mdl.W.detach())
+        return res
+
+    hist = train(model, opt, cfg, stream, cfg.minimal_iters, f"minimal seed {seed}", eval_fn,
+                 every=max(1, cfg.eval_every // 2))   # layer 2 moves within the first few dozen steps
+    if not common.is_main():
+        return {}, None
+    ev = hist["evals"]
+    steps = [s for s, _ in ev]
+    hw = half_rise(steps, [r["W_gap"] for _, r in ev])
+    hv = half_rise(steps, [r["prev_token_attn"] for _, r in ev])
+    bi = crossing(ev, "unigram", "bigram")
+    m = {"half_rise_step/minimal/W": hw, "half_rise_step/minimal/v": hv, "order/minimal/W_first": float(hw < hv),
+         "kl_true/minimal/final": ev[-1][1]["kl_true_model"],
+         "phase_step/bigram/minimal": math.nan if bi is None else bi}
+    common.print0(f"minimal seed {seed}: W (layer 2) half-way at step {hw:.0f}, v (layer 1) at step {hv:.0f} -> "
+                  f"{'W' if hw < hv else 'v'} first; bigram from step {common.fmt(bi, 0)}; "
+                  f"final KL(true||model) {ev[-1][1]['kl_true_model']:.4f}")
+    return m, ev
+
+# -----------------------------------------------------------------------------
+# Run: every experiment for one seed, then over seeds: tables, JSON, figure
+
+
+def run_seed(cfg):
+    t0, timings, curves = time.time(), {}, {}
+    stages = common.Stages({"main": cfg.iters, "mixture": sum(cfg.mix_ds_iters / (1 - p) for p in cfg.mix_fracs) * 0.6,
+                            "trigram": 2 * cfg.trigram_iters, "minimal": cfg.minimal_iters / 4})
+    test = make_test_set(cfg.k, cfg.T, 2, cfg.n_test, cfg.test_seed)
+    common.print0(f"test: {cfg.n_test} standard ICL-MC chains, k={cfg.k}, T={cfg.T}; KL(true||uniform) "
+                  f"{test['kl_true_strategy'][0]:.4f}, unigram {test['kl_true_strategy'][1]:.4f}, "
+                  f"bigram (Bayes) {test['kl_true_strategy'][2]:.4f}")
+    metrics = {}
+    for name, fn, on in (("main", lambda: exp_phases(cfg, test, cfg.seed), True),
+                         ("mixture", lambda: exp_mixture(cfg, cfg.seed), bool(cfg.mix_fracs)),
+                         ("trigram", lambda: exp_trigram(cfg, cfg.seed), cfg.trigram_iters > 0),
+                         ("minimal", lambda: exp_minimal(cfg, test, cfg.seed), cfg.minimal_iters > 0)):
+        if on:
+            with stages(name):
+                t = time.time()
+                m, curves[name] = fn()
+                metrics.update(m)
+                timings[name] = seconds_since(t)
+    timings["seed_total"] = seconds_since(t0)
+    return metrics, {"curves": curves, "timings": timings}
+
+
+def t95(n):
+    """Two-sided 95% Student-t quantile with n-1 degrees of freedom (n >= 2)."""
+    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+    return table.get(n - 1, 2.0 if n < 30 else 1.96)
+
+
+def interval(runs, key):
+    """(mean, half-width of the 95% t-interval over seeds) of a per-seed metric; half-width nan for one seed."""
+    vals = [r[key] for r in runs.per_seed if key in r and not math.isnan(r[key])]
+    if not vals:
+        return math.nan, math.nan
+    m, s = common.mean_std(vals)
+    return m, (t95(len(vals)) * s / math.sqrt(len(vals)) if len(vals) > 1 else math.nan)
+
+
+def verdict(runs, key, unit, digits=0):
+    """'+329 +- 546 steps (95% CI, 3 seeds): no clear difference' for a per-seed delay."""
+    m, h = interval(runs, key)
+    if math.isnan(m) or math.isnan(h):
+        return f"{common.fmt(m, digits)} {unit} (one seed or no transition: no interval)"
+    word = "later" if m - h > 0 else "earlier" if m + h < 0 else "no clear difference"
+    return f"{m:+.{digits}f} +- {h:.{digits}f} {unit} (95% CI, {len(runs.seeds)} seeds): {word}"
+
+
+def print_tables(cfg, runs):
+    c, mean = runs.cell, runs.mean
+    n = len(runs.seeds)
+    rows = [["KL(true||model), final", "ends near the bigram line", c("kl_true/transformer/final", 4)],
+            ["KL(true||bigram): Bayes reference", "-", c("kl_true/bigram/ref", 4)],
+            ["KL(true||unigram): plateau reference", "-", c("kl_true/unigram/ref", 4)],
+            ["KL(bigram||model), final", "-> 0", c("kl_to_model/bigram/final", 4)],
+            ["KL(unigram||model), final", "-", c("kl_to_model/unigram/final", 4)],
+            ["unigram phase from step", "after a uniform start", c("phase_step/unigram/main", 0)],
+            ["bigram phase from step", f"abrupt; ~1000 (64k chains) at lr 5e-4", c("phase_step/bigram/main", 0)],
+            ["seeds reaching the bigram phase", "-", f"{mean['reached/bigram/main'] * n:.0f}/{n}"],
+            ["layer-1 attention on x_(t-1), before -> final", "diffuse -> peaked",
+             f"{c('prev_token_attn/main/before')} -> {c('prev_token_attn/main/final')}"]]
+    common.print_table(rows, [f"quantity (k={cfg.k}, T={cfg.T}, lr {cfg.lr:g}, {n} seed(s))", "paper", "ours"],
+                       f"{NAME} ({cfg.preset}): phases of in-context learning of Markov chains")
+    if cfg.mix_fracs:
+        rows = []
+        for name in (["standard"] if cfg.mix_standard else []) + [f"p{p:g}" for p in cfg.mix_fracs]:
+            p = 0.0 if name == "standard" else float(name[1:])
+            rows.append([name if name == "standard" else f"p={p:g}", math.ceil(cfg.mix_ds_iters / (1 - p)),
+                         c(common.mkey("transition_step", "mix", name), 0),
+                         c(common.mkey("transition_ds_kseq", "mix", name), 1),
+                         f"{mean[common.mkey('reached', 'mix', name)] * n:.0f}/{n}"])
+        common.print_table(rows, ["training chains (p = unigram fraction)", "steps", "transition step",
+                                  "DS chains at transition (k)", "reached"],
+                           f"mixture (k={cfg.mix_k}), tested on standard ICL-MC; paper: more unigram data, later bigrams")
+        for name in [f"p{p:g}" for p in cfg.mix_fracs if p > 0 and 0.0 in cfg.mix_fracs]:
+            common.print0(f"{name} vs p0: at equal steps {verdict(runs, common.mkey('delay_step', 'mix', name), 'steps')}; "
+                          f"at equal DS chains {verdict(runs, common.mkey('delay_ds_kseq', 'mix', name), 'k chains', 1)}")
+    if cfg.minimal_iters:
+        rows = [["layer 2 (W diagonal gap) half-way, step", c("half_rise_step/minimal/W", 0)],
+                ["layer 1 (v: attention on x_(t-1)) half-way, step", c("half_rise_step/minimal/v", 0)],
+                ["seeds where layer 2 moves first", f"{mean['order/minimal/W_first'] * n:.0f}/{n}"],
+                ["bigram phase from step", c("phase_step/bigram/minimal", 0)],
+                ["KL(true||model), final", c("kl_true/minimal/final", 4)]]
+        common.print_table(rows, [f"minimal model, SGD lr_W {cfg.minimal_lr_w:g}, lr_v {cfg.minimal_lr_v:g}",
+                                  "ours"], "minimal model (paper: the second layer learns first)")
+    if cfg.trigram_iters:
+        rows = [[f"{s} stage from step", c(common.mkey("phase_step", s, "trigram"), 0),
+                 c(common.mkey("kl_true", s, "trigram_ref"), 4)] for s in STRATEGY_NAMES[1:]]
+        rows.append(["model, final", "-", c("kl_true/transformer/trigram_final", 4)])
+        common.print_table(rows, ["trigram chains (n=3)", "step", "KL(true||.)"],
+                           "trigrams (paper: uniform -> unigram -> bigram -> trigram)")
+
+
+def plot_figure(cfg, runs):
+    """Six panels: (a) phases of the main run, mean +- std over seeds, phase steps as mean +- std; (b) layer-1
+    previous-token attention; (c, d) the mixture runs against doubly-stochastic chains seen and against
+    steps; (e) the minimal model's two layers; (f) the trigram hierarchy. Saved after the JSON."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -530,199 +727,108 @@ def plot_figure(path, main, ref, runs: dict, ref_c, tri=None, minimal=None):
     except ImportError:
         print("matplotlib is not installed: skipping the figure (pip install matplotlib)")
         return None
-    fig, axs = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axs = plt.subplots(2, 3, figsize=(16, 8.5))
+    seeds = [e["curves"] for e in runs.extras]
 
-    def curves(ax, evals, n, title):
-        xs = [s for s, _ in evals]
-        for m in range(n + 1):
-            name = STRATEGY_NAMES[m]
-            ax.plot(xs, [r[f"kl_{name}_model"] for _, r in evals], marker="o", ms=3, label=f"KL({name}||model)")
-        ax.plot(xs, [r["kl_true_model"] for _, r in evals], "k-", lw=2, label="KL(true||model)")
-        ax.set(title=title, xlabel="step", ylabel="KL", yscale="log")
-        ax.legend(fontsize=7)
+    def band(ax, evals_per_seed, key, label, color=None, norm=False, **kw):
+        n = min(len(ev) for ev in evals_per_seed)
+        xs = [s for s, _ in evals_per_seed[0][:n]]
+        ys = torch.tensor([[r[key] for _, r in ev[:n]] for ev in evals_per_seed])   # (seeds, evals)
+        if norm:   # progress: 0 at the start, 1 at the end of each seed's run
+            ys = (ys - ys[:, :1]) / (ys[:, -1:] - ys[:, :1]).abs().clamp_min(1e-12)
+        mu, sd = ys.mean(0), ys.std(0) if len(ys) > 1 else torch.zeros(n)
+        line, = ax.plot(xs, mu, label=label, color=color, **kw)
+        ax.fill_between(xs, mu - sd, mu + sd, color=line.get_color(), alpha=0.2)
 
-    curves(axs[0, 0], main, 2, "1. phases; dashed: KL(true||unigram), KL(true||bigram)")
-    for m, c in ((1, "C1"), (2, "C2")):
-        axs[0, 0].axhline(ref[m], color=c, ls="--", lw=0.8)
+    def phase_lines(ax, keys_colors):
+        for key, color, label in keys_colors:
+            vals = [r[key] for r in runs.per_seed if key in r and not math.isnan(r[key])]
+            if vals:
+                m, s = common.mean_std(vals)
+                ax.axvline(m, color=color, ls="--", lw=1, label=f"{label} {m:.0f} +- {s:.0f}")
+                ax.axvspan(m - s, m + s, color=color, alpha=0.1)
+
+    ax = axs[0, 0]
+    main = [c["main"] for c in seeds]
+    for i, s in enumerate(STRATEGY_NAMES[:3]):
+        band(ax, main, f"kl_{s}_model", f"KL({s}||model)", f"C{i}")
+    band(ax, main, "kl_true_model", "KL(true||model)", "k", lw=2)
+    ax.axhline(runs.mean["kl_true/bigram/ref"], color="C2", ls=":", lw=1, label="KL(true||bigram) (Bayes)")
+    phase_lines(ax, [("phase_step/unigram/main", "C1", "unigram from"), ("phase_step/bigram/main", "C2", "bigram from")])
+    ax.set(title=f"(a) phases, k={cfg.k}, {len(seeds)} seed(s) (mean +- std)", xlabel="step", ylabel="KL", yscale="log")
     ax = axs[0, 1]
-    for prior, ev in runs.items():
-        ax.plot([s for s, _ in ev], [r["kl_true_model"] for _, r in ev], marker="o", ms=3, label=f"trained on {prior}")
-    ax.axhline(ref_c[1], color="grey", ls="--", lw=0.8, label="unigram strategy")
-    ax.axhline(ref_c[2], color="grey", ls=":", lw=0.8, label="bigram (Bayes)")
-    ax.set(title="2. training prior, tested on standard ICL-MC", xlabel="step", ylabel="KL(true||model)", yscale="log")
-    ax.legend(fontsize=7)
-    if tri:
-        curves(axs[1, 0], tri, 3, "3. trigram chains (n=3, 2 heads in layer 1)")
-    elif minimal:
-        curves(axs[1, 0], minimal, 2, "minimal model (SGD)")
-    else:   # no trigram run in this preset: show experiment 2's distance to the bigram strategy
-        ax = axs[1, 0]
-        for prior, ev in runs.items():
-            ax.plot([s for s, _ in ev], [r["kl_bigram_model"] for _, r in ev], marker="o", ms=3, label=f"trained on {prior}")
-        ax.set(title="2b. KL(bigram||model) per training prior (trigrams: full preset)", xlabel="step", yscale="log")
-        ax.legend(fontsize=7)
+    band(ax, main, "prev_token_attn", "distance 1 (previous token)")
+    band(ax, main, "prev2_token_attn", "distance 2")
+    phase_lines(ax, [("phase_step/bigram/main", "C2", "bigram from")])
+    ax.set(title="(b) layer-1 attention mass by distance", xlabel="step", ylim=(0, 1))
+    for ax, axis in ((axs[0, 2], "ds"), (axs[1, 0], "step")):
+        for j, c in enumerate(s["mixture"] for s in seeds if s.get("mixture")):
+            curves, ref = c
+            for i, (name, (p, ds, ev)) in enumerate(curves.items()):
+                if axis == "ds" and not ds:
+                    continue
+                xs = [st * (cfg.batch * ds / 1000 if axis == "ds" else 1) for st, _ in ev]
+                ax.plot(xs, [r["kl_true_model"] for _, r in ev], color=f"C{i}", lw=1, label=name if j == 0 else None)
+            if j == 0:
+                ax.axhline(ref[1], color="grey", ls="--", lw=0.8, label="unigram strategy")
+                ax.axhline(ref[2], color="grey", ls=":", lw=0.8, label="bigram (Bayes)")
+        ax.set(title=f"({'c' if axis == 'ds' else 'd'}) mixture, k={cfg.mix_k}: one line per seed",
+               xlabel="doubly-stochastic training chains (thousands)" if axis == "ds" else "step",
+               ylabel="KL(true||model) on standard ICL-MC", yscale="log")
     ax = axs[1, 1]
-    ax.plot([s for s, _ in main], [r["prev_token_attn"] for _, r in main], marker="o", ms=3, label="main run")
-    if tri:
-        ax.plot([s for s, _ in tri], [r["prev_token_attn"] for _, r in tri], ls=":", label="trigram: distance 1")
-        ax.plot([s for s, _ in tri], [r["prev2_token_attn"] for _, r in tri], ls=":", label="trigram: distance 2")
-    ax.set(title="4. layer-1 attention mass on the previous token", xlabel="step", ylim=(0, 1))
-    ax.legend(fontsize=7)
-    for a in axs.flat:
-        a.grid(alpha=0.3)
+    if all(s.get("minimal") for s in seeds):
+        band(ax, [s["minimal"] for s in seeds], "W_gap", "layer 2: W diagonal - off-diagonal", norm=True)
+        band(ax, [s["minimal"] for s in seeds], "prev_token_attn", "layer 1: attention on x_(t-1)", norm=True)
+        phase_lines(ax, [("half_rise_step/minimal/W", "C0", "W half-way"), ("half_rise_step/minimal/v", "C1", "v half-way")])
+    ax.set(title="(e) minimal model: progress of each layer (0 = init, 1 = end)", xlabel="SGD step")
+    ax = axs[1, 2]
+    if all(s.get("trigram") for s in seeds):
+        ev, ref = seeds[0]["trigram"]
+        for i, s in enumerate(STRATEGY_NAMES):
+            ax.plot([st for st, _ in ev], [r[f"kl_{s}_model"] for _, r in ev], color=f"C{i}", label=f"KL({s}||model)")
+        ax.plot([st for st, _ in ev], [r["kl_true_model"] for _, r in ev], "k", lw=2, label="KL(true||model)")
+        ax.set(yscale="log")
+    else:
+        ax.text(0.5, 0.5, "trigram run: full preset\n(--trigram-iters > 0)", ha="center", va="center")
+    ax.set(title=f"(f) trigram chains, seed {runs.seeds[0]}: stage-wise hierarchy", xlabel="step")
+    for ax in axs.flat:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, f"{NAME}.png")
+    fd, tmp = tempfile.mkstemp(dir=cfg.out, prefix=f".{NAME}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
     plt.close(fig)
     common.print0(f"wrote {path}")
     return path
 
-# -----------------------------------------------------------------------------
-# Main experiment
 
-
-def run(cfg) -> dict:
+def run(cfg) -> common.SeedRuns:
     t0 = time.time()
-    common.set_threads(cfg.threads, cfg.device)
-    device = torch.device(cfg.device)
-    test = make_test_set(cfg, 2, cfg.seed + 10_000)
-    ref = test["kl_true_strategy"]
-    common.print0(f"test set: {cfg.n_test} standard ICL-MC chains, k={cfg.k}, T={cfg.T}; "
-                  f"KL(true||uniform) {ref[0]:.4f}, KL(true||unigram) {ref[1]:.4f}, KL(true||bigram) {ref[2]:.4f}")
-    history = {}
-
-    # 1 + 4. phases and the mechanism, over seeds
-    seed_runs = []
-    for i in range(max(1, cfg.seeds)):
-        seed = cfg.seed + i
-        model, evals, hist = train_transformer(cfg, test, prior=cfg.prior, iters=cfg.iters, lr=cfg.lr,
-                                               seed=seed, tag=f"main seed {seed}")
-        seed_runs.append(evals)
-        history[f"main/seed{seed}"] = {"evals": evals, **hist}
-        ph = phases(evals, 2)
-        fin = evals[-1][1]
-        common.print0(f"phases: " + " -> ".join(f"{p}@{s}" for p, s in ph) +
-                      f" ; final KL(true||model)={fin['kl_true_model']:.4f} "
-                      f"(bigram-optimal {ref[2]:.4f}, unigram {ref[1]:.4f}) ; "
-                      f"transition_iter={transition_iter(evals)}")
-    main = seed_runs[0]
-    fin = main[-1][1]
-    tr = transition_iter(main)
-    before = [r["prev_token_attn"] for s, r in main if tr is None or s < tr]
-    metrics = {
-        "kl_true_model_final": fin["kl_true_model"],
-        "kl_bigram_model_final": fin["kl_bigram_model"],
-        "kl_unigram_model_final": fin["kl_unigram_model"],
-        "kl_uniform_model_final": fin["kl_uniform_model"],
-        "kl_true_bigram": ref[2], "kl_true_unigram": ref[1], "kl_true_uniform": ref[0],
-        "transition_iter": tr,
-        "transition_sequences": None if tr is None else tr * cfg.batch,
-        "prev_token_attn_final": fin["prev_token_attn"],
-        "prev_token_attn_before": max(before) if before else None,   # highest value before the transition
-        "phases": " -> ".join(f"{p}@{s}" for p, s in phases(main, 2)),
-        "n_params": common.count_params(model),
-    }
-    if cfg.seeds > 1:   # finals become means over seeds (std under '<key>/std'); per-seed lists kept
-        trs = [transition_iter(ev) for ev in seed_runs]
-        done = [t for t in trs if t is not None]
-        for key in ("kl_true_model", "kl_bigram_model", "kl_unigram_model", "kl_uniform_model", "prev_token_attn"):
-            vals = [ev[-1][1][key] for ev in seed_runs]
-            mu = sum(vals) / len(vals)
-            metrics[f"{key}_final"] = mu
-            metrics[f"{key}_final/std"] = (sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-            metrics[f"{key}_final/seeds"] = vals
-        metrics.update({"seeds_transitioned": len(done), "seeds_total": len(trs), "transition_iters": trs,
-                        "transition_iter": sum(done) / len(done) if done else None})
-        metrics["transition_sequences"] = None if not done else metrics["transition_iter"] * cfg.batch
-
-    # 2. the training distribution, every run tested on standard ICL-MC with compare_k states
-    runs, ref_c = {}, ref
-    if cfg.compare_priors:
-        ccfg = dataclasses.replace(cfg, k=cfg.compare_k)
-        reuse = cfg.compare_k == cfg.k and cfg.prior == "dirichlet"
-        test_c = test if reuse else make_test_set(ccfg, 2, cfg.seed + 30_000)
-        ref_c = test_c["kl_true_strategy"]
-        common.print0(f"experiment 2: training prior (k={cfg.compare_k}), tested on standard ICL-MC; "
-                      f"KL(true||unigram) {ref_c[1]:.4f}, KL(true||bigram) {ref_c[2]:.4f}")
-        for prior in cfg.compare_priors:
-            if prior == "dirichlet" and reuse:
-                runs[prior] = main
-                continue
-            _, evals, hist = train_transformer(ccfg, test_c, prior=prior, iters=cfg.compare_iters, lr=cfg.lr,
-                                               seed=cfg.seed, tag=f"prior {prior} k={cfg.compare_k}",
-                                               stop_at_transition=cfg.compare_stop)
-            runs[prior] = evals
-            history[f"prior/{prior}"] = {"evals": evals, **hist}
-        for prior, evals in runs.items():
-            metrics[f"transition_iter/{prior}"] = transition_iter(evals)
-            metrics[f"phases/{prior}"] = " -> ".join(f"{p}@{s}" for p, s in phases(evals, 2))
-
-    # 3. trigrams
-    tri, tri_ref = None, None
-    if cfg.trigram_iters > 0:
-        test3 = make_test_set(cfg, 3, cfg.seed + 20_000)
-        tri_ref = test3["kl_true_strategy"]
-        common.print0("trigram test set: " + ", ".join(f"KL(true||{STRATEGY_NAMES[m]}) {v:.4f}" for m, v in enumerate(tri_ref)))
-        _, tri, hist = train_transformer(cfg, test3, prior="dirichlet", n=3, iters=cfg.trigram_iters,
-                                         lr=cfg.trigram_lr, seed=cfg.seed, tag="trigram")
-        history["trigram"] = {"evals": tri, **hist}
-        ph3 = phases(tri, 3)
-        common.print0("trigram phases: " + " -> ".join(f"{p}@{s}" for p, s in ph3))
-        metrics.update({"trigram_phases": " -> ".join(f"{p}@{s}" for p, s in ph3),
-                        "trigram_kl_true_model_final": tri[-1][1]["kl_true_model"],
-                        "trigram_kl_true_trigram": tri_ref[3], "trigram_kl_true_bigram": tri_ref[2],
-                        "trigram_transition_iter": transition_iter(tri, "bigram", "trigram")})
-
-    # extra: the minimal model
-    mini = None
-    if cfg.minimal_iters > 0:
-        mini, traj = train_minimal(cfg, test, cfg.seed)
-        history["minimal"] = {"evals": mini, "trajectory": traj}
-        metrics.update({"minimal_kl_true_model_final": mini[-1][1]["kl_true_model"],
-                        "minimal_transition_iter": transition_iter(mini)})
-
-    # headline table
-    def ours(key):   # mean +- std over seeds when there are several
-        if cfg.seeds > 1:
-            return common.mean_std(metrics[f"{key}_final/seeds"])
-        return metrics[f"{key}_final"]
-
-    rows = [
-        ["KL(true||model), final", "ends near the bigram line", ours("kl_true_model")],
-        ["KL(true||bigram), Bayes reference", "-", ref[2]],
-        ["KL(true||unigram), plateau reference", "-", ref[1]],
-        ["KL(bigram||model), final", "-> 0", ours("kl_bigram_model")],
-        ["KL(unigram||model), final", "-", ours("kl_unigram_model")],
-        ["transition (sequences seen)", "bigram phase by ~64k (notebook, lr 5e-4)",
-         metrics["transition_sequences"] if cfg.seeds == 1 else f"{common.fmt(metrics['transition_sequences'])} (mean)"],
-        ["layer-1 attn on previous token, before -> final", "diffuse -> peaked at 1",
-         f"{common.fmt(metrics['prev_token_attn_before'])} -> {fin['prev_token_attn']:.3f}" +
-         (" (seed 0)" if cfg.seeds > 1 else "")],
-    ]
-    paper_prior = {"doubly": "earlier, no unigram plateau", "dirichlet": "reference", "unigram": "later",
-                   "mix": "later (more unigram data)"}
-    for prior in runs:
-        t = metrics[f"transition_iter/{prior}"]
-        cap = cfg.iters if runs[prior] is main else cfg.compare_iters
-        rows.append([f"k={cfg.compare_k}: transition step, trained on {prior}" +
-                     (f" (p_unigram={cfg.mix_p})" if prior == "mix" else ""),
-                     paper_prior[prior], f"{t if t is not None else f'none by {cap}'} ({metrics[f'phases/{prior}']})"])
-    if cfg.seeds > 1:
-        rows.append(["seeds that transitioned", "-", f"{metrics['seeds_transitioned']}/{metrics['seeds_total']}"])
-    if tri:
-        rows.append(["trigram phases", "uniform -> unigram -> bigram -> trigram", metrics["trigram_phases"]])
-    if mini:
-        rows.append(["minimal model KL(true||model), final", "-", metrics["minimal_kl_true_model_final"]])
-    common.print_table(rows, ["quantity (k=%d, T=%d, last position)" % (cfg.k, cfg.T), "paper", "ours"],
-                       title=f"icl_markov ({cfg.preset}): statistical induction heads on in-context Markov chains")
-    wall = time.time() - t0
-    common.print0(f"wall time {wall:.1f} s")
-    common.save_results("icl_markov", cfg, metrics, history, wall)
-    plot_figure(os.path.join(cfg.out, "icl_markov.png"), main, ref, runs, ref_c, tri, mini)
-    return metrics
+    runs = common.over_seeds(cfg, run_seed, NAME)
+    if not common.is_main():
+        return runs
+    print_tables(cfg, runs)
+    timings = {k: sum(e["timings"].get(k, 0.0) for e in runs.extras) / len(runs.extras) for k in runs.extras[0]["timings"]}
+    history = {f"seed{s}": e["curves"] for s, e in zip(runs.seeds, runs.extras)}
+    info = {"metrics": "phase_step/<s>/<run>: step where KL(s||model) first drops below the previous strategy's "
+                       "(interpolated between evaluations; nan = never); *_ds_kseq: thousands of doubly-stochastic "
+                       "training chains; delay_*: p run minus p=0 run, same seed",
+            "timings": "seconds per seed"}
+    common.save_results(NAME, cfg, runs, history=history, info=info, timings=timings, wall_time_s=seconds_since(t0))
+    plot_figure(cfg, runs)
+    common.print0(f"wall time {time.time() - t0:.1f} s")
+    return runs
 
 
 def main():
-    run(common.parse_args(Config, PRESETS))
+    cfg = common.parse_args(Config, PRESETS)
+    with common.session(cfg):
+        run(cfg)
 
 
 if __name__ == "__main__":

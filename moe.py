@@ -1,53 +1,32 @@
 """
 Mixture of Parrots: Experts improve memorization more than reasoning
-Samy Jelassi, Clara Mohri, David Brandfonbrener, Alex Gu, Nikhil Vyas, Nikhil Anand, David Alvarez-Melis,
-Yuanzhi Li, Sham M. Kakade, Eran Malach -- 2024, arXiv 2410.19034 (ICLR 2025). Official code: none found.
-MoE layer mirrors Hugging Face `transformers` Mixtral (MixtralSparseMoeBlock, load_balancing_loss_func).
+Jelassi, Mohri, Brandfonbrener, Gu, Vyas, Anand, Alvarez-Melis, Li, Kakade, Malach. ICLR 2025, arXiv 2410.19034.
+Official code: none found. The MoE layer follows Hugging Face Mixtral (top-k softmax router, dropless).
 
-Finding: at a fixed number of *active* parameters, adding experts keeps improving memorization (MoE recall
-tracks a dense model of the same *total* size) while reasoning does not improve (MoE accuracy tracks the
-dense model of the same *active* size / width). The quick preset trains, on one CPU thread:
-  phone-book (closed-book recall of 2000 random name -> 5-digit number pairs): dense d=32 and d=80 (FFN 8d)
-  and top-2 MoEs at d=32 with E = 4 and 16 experts of hidden 4d (same active FFN as dense d=32);
-  shortest path on small random graphs (8 vertices, 10 edges; 1000 unseen test graphs): dense d=16 and
-  d=64 and a top-2 MoE at d=16 with E=16.
-It prints accuracy, total and active parameters for every model, the routing load of every expert, and
-the paper's (qualitative) result beside ours; the figures plot accuracy vs total and vs active parameters.
-The theory's length-2 path problem is `--graph-task 2hop` (yes/no: is there a path of length 2 from s to
-t?); at quick scale (|V|=16, 24 edges, 1000 steps, d=8..64) no width learned it (all at chance), so the
-quick preset uses a small shortest path, as the spec's prototype did.
+Finding: with active parameters fixed, more experts keep improving memorization (a MoE moves toward the
+dense model of equal *total* size) but not reasoning (it stays with the dense model of equal *active* size).
+Measured (quick, --seeds 3, CPU one thread, 1533 s): 16 experts close 0.48 +- 0.19 of the phone-book gap
+from the dense model of the MoE's width to the dense model of its total size, 0.15 +- 0.19 on 2-hop; full: unmeasured.
 
-Run:
-    python moe.py --preset smoke          # seconds, what pytest runs
-    python moe.py                         # quick on CPU (~9 min on one thread of a busy 2-core box)
-    python moe.py --device cuda           # full preset on one GPU (unmeasured; sized for < 1 h)
-    python moe.py --graph-task 2hop       # the theory's length-2 path problem in place of shortest path
-
-Glossary (ours -> paper):
-    n_experts E  -> K (number of experts)          top_k k  -> top-2 routing (the paper's k)
-    width d      -> m (hidden dimension / width)   heads    -> H
-    graph_nodes  -> |V|                            graph_edges -> N (length of the edge list)
-    params_active -> active parameters             params_total -> total parameters
-    phonebook_acc -> exact-match accuracy of the retrieved number on the training entries
-    graph_acc     -> exact-match accuracy on held-out graphs (any valid shortest path counts)
-
-Design choices that are ours (the paper body gives the setup only in outline; an OpenReview reviewer
-quotes top-2 routing and 12 layers for the synthetic runs, not checked against the PDF): an expert has
-hidden size ratio*d/k, so a top-k MoE at width d has exactly the active FFN of the dense model at width d
-(dense_d32 *is* the E=1 member of the d=32 family, up to the router's d*E weights). Phone-book ratio 8
-(4d experts for top-2, the spec prototype's experts), graph ratio 4. GELU MLPs, learned positions,
-LayerNorm (the paper's exact blocks are unverified). Load-balancing loss with Switch normalisation
-(1 at balance; HF's Mixtral value is k times ours), coefficient 0.01, per layer, summed.
-
-Does not include: the paper's pre-training of MoEs on 65B tokens and the downstream benchmarks (TriviaQA,
-GSM8k, ...); expert parallelism / fused grouped-GEMM kernels; expert-choice routing; the proofs. The
-graph sizes, depth and learning rates of the paper's synthetic experiments are not known to us: quick/full
-use our own sizes. The paper reports the synthetic results as figures only, so the `paper` column is
-qualitative.
+Run:  python moe.py --preset smoke            # seconds, what pytest runs
+      python moe.py                           # quick on CPU: phone-book + 2-hop, 1 seed (add --seeds 3)
+      python moe.py --device cuda             # full on one GPU
+      torchrun --standalone --nproc_per_node=2 moe.py --preset smoke --device cpu
+Tasks: phone-book = closed-book recall of N random 'F17 L42 : 30915' entries (exact match over all of
+them); 2hop = the theory's length-2 path problem in search form: on a held-out random graph given as a list
+of edge tokens, output a path s w t (the yes/no form gave no learning signal at small scale); path = shortest
+path (any shortest path counts). An expert has hidden size mlp_ratio*d/top_k, so a top-2 MoE at width d has
+the active FFN of the dense model at width d.
+Glossary (ours -> paper): n_experts E -> K; top_k -> k (top-2); width d -> m; heads -> H; graph_nodes -> |V|;
+  graph_edges -> N (edge tokens); params total / active -> total / active parameters;
+  gap_closed -> where a MoE sits between the dense model of its width (0) and the dense model closest in
+  total size to the largest MoE (1).
+Does not include: the 65B-token pre-training and benchmarks (TriviaQA, GSM8k, ...), the proofs, expert
+parallelism or fused grouped-GEMM kernels, expert-choice routing. The paper's synthetic sizes are not known
+to us (figures only): ours are our own, and the `paper` column is qualitative.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -58,225 +37,110 @@ import torch.nn.functional as F
 
 import common
 
+NAME = "moe"
+
 # -----------------------------------------------------------------------------
 # Config
 
 
 @dataclass
 class Config(common.BaseConfig):
-    # model family
-    top_k: int = 2                     # experts per token (k); an expert's hidden size is ratio*d/k
-    act: str = "gelu"                  # gelu | swiglu (same choice for dense MLPs and experts)
-    renorm: bool = True                # renormalise the top-k gate weights to sum to 1 (Mixtral)
-    aux_coef: float = 0.01             # load-balancing loss coefficient (Switch normalisation, per layer)
-    z_coef: float = 0.0                # router z-loss coefficient (ST-MoE uses 1e-3); 0 = off
-    capacity_factor: float = 0.0       # expert capacity c (drop assignments past ceil(c*k*T/E)); 0 = dropless
-    dispatch: str = "auto"             # loop (Mixtral: one matmul pair per expert) | grouped (one padded bmm)
-                                       # | auto = grouped on CUDA or for E >= 16 (fewer kernels), else loop
+    # the MoE layer
+    top_k: int = 2                     # experts per token (k); an expert's hidden size is mlp_ratio*d/k
+    act: str = "gelu"                  # gelu | swiglu: the FFN of dense models and of every expert
+    renorm: bool = True                # renormalise the top-k gate weights to sum to 1 (Mixtral); off = Switch
+    aux_coef: float = 0.01             # load-balancing loss weight (Switch normalisation, summed over layers)
+    z_coef: float = 0.0                # router z-loss weight (ST-MoE uses 1e-3); 0 = off
+    capacity_factor: float = 0.0       # expert capacity c: drop assignments past ceil(c*k*T/E); 0 = dropless
+    dispatch: str = "auto"             # loop (one matmul pair per expert) | grouped (one padded bmm) | auto
+                                       # (grouped on CUDA or for E >= 16, where it is faster; loop otherwise)
     # phone-book (memorization)
-    pb_entries: int = 2000             # N name -> number pairs (paper: 1e5 .. 2e6)
+    pb_entries: int = 2000             # N name -> number entries (paper: 1e5 .. 2e6)
     pb_digits: int = 5                 # digits per number
-    pb_first: int = 100                # first-name tokens
+    pb_first: int = 100                # first-name tokens (N <= first * last)
     pb_last: int = 100                 # last-name tokens
     pb_layers: int = 2                 # transformer layers
     pb_heads: int = 4                  # attention heads
-    pb_mlp_ratio: int = 8              # dense FFN hidden = ratio*d; expert hidden = ratio*d/k (8, k=2: 4d experts)
-    pb_dense_widths: tuple[int, ...] = (32, 80)          # dense baselines of growing width
-    pb_moe_width: int = 32             # width of every MoE (fixed active parameters)
-    pb_experts: tuple[int, ...] = (4, 16)                 # E for the MoEs
-    pb_steps: int = 1000               # optimizer steps
-    pb_batch: int = 256                # entries per step
+    pb_mlp_ratio: int = 8              # dense FFN hidden = ratio*d; expert hidden = ratio*d/top_k
+    pb_dense_widths: tuple[int, ...] = (32, 80)   # dense widths; must hold pb_moe_width (its E=1 member)
+    pb_moe_width: int = 32             # width d of every phone-book MoE (active size fixed)
+    pb_experts: tuple[int, ...] = (4, 16)         # numbers of experts E (each >= top_k)
+    pb_steps: int = 1000               # optimizer steps per model
+    pb_batch: int = 256                # entries per step (global batch: split over torchrun processes)
     pb_lr: float = 3e-3                # peak learning rate (weight decay 0: decay fights memorization)
-    pb_eval_max: int = 0               # evaluate on at most this many training entries; 0 = all
     # graph reasoning
-    graph_task: str = "path"           # 2hop (is there a path of length 2 from s to t?) | path (shortest path)
-    graph_nodes: int = 8               # |V|
-    graph_edges: int = 10              # edges per graph (the edge list has this many vertex pairs)
-    graph_train: int = 50000           # training graphs (paper: 1e6)
-    graph_test: int = 1000             # held-out test graphs (paper: 1e3)
-    graph_layers: int = 3              # transformer layers
-    graph_heads: int = 4               # attention heads
-    graph_mlp_ratio: int = 4           # dense FFN hidden = ratio*d; expert hidden = ratio*d/k
-    graph_dense_widths: tuple[int, ...] = (16, 64)        # dense baselines of growing width
-    graph_moe_width: int = 16          # width of every MoE
-    graph_experts: tuple[int, ...] = (16,)                # E for the MoEs
-    graph_steps: int = 1500            # optimizer steps
-    graph_batch: int = 128             # graphs per step
+    graph_task: str = "2hop"           # 2hop (output a length-2 path s w t) | path (output a shortest path)
+    graph_nodes: int = 8               # |V| vertices
+    graph_edges: int = 10              # edges per graph (one token each)
+    graph_train: int = 100_000         # training examples (paper: 1e6)
+    graph_test: int = 3000             # held-out examples, no graph shared with training (paper: 1e3)
+    graph_layers: int = 2              # transformer layers
+    graph_heads: int = 2               # attention heads
+    graph_mlp_ratio: int = 4           # dense FFN hidden = ratio*d; expert hidden = ratio*d/top_k
+    graph_dense_widths: tuple[int, ...] = (8, 16)      # dense widths; must hold graph_moe_width
+    graph_moe_width: int = 8           # width d of every graph MoE
+    graph_experts: tuple[int, ...] = (4, 8, 16)   # numbers of experts E (each >= top_k)
+    graph_steps: int = 2000            # optimizer steps per model
+    graph_batch: int = 128             # examples per step (global batch)
     graph_lr: float = 1e-3             # peak learning rate
-    graph_wd: float = 0.1              # weight decay for the graph task
-    warmup: int = 100                  # linear warmup steps (then cosine)
+    graph_wd: float = 0.1              # weight decay on the graph task
+    warmup: int = 100                  # linear warmup steps, then cosine decay to 0.1 x peak
+    grad_clip: float = 1.0             # gradient-norm clip
     eval_batch: int = 2000             # sequences per evaluation batch
+    log_every: int = 100               # steps between logged losses
+
+    POSITIVE = ("top_k", "pb_entries", "pb_digits", "pb_first", "pb_last", "pb_layers", "pb_heads",
+                "pb_mlp_ratio", "pb_dense_widths", "pb_moe_width", "pb_experts", "pb_steps", "graph_nodes",
+                "graph_edges", "graph_train", "graph_test", "graph_layers", "graph_heads", "graph_mlp_ratio",
+                "graph_dense_widths", "graph_moe_width", "graph_experts", "graph_steps", "eval_batch", "log_every")
+    MAY_BE_EMPTY = ("pb_experts", "graph_experts")
+    GLOBAL_BATCH = ("pb_batch", "graph_batch")
 
     def __post_init__(self):
-        if self.act not in ("gelu", "swiglu"):
-            raise ValueError(f"act must be gelu or swiglu, not '{self.act}'")
-        if self.graph_task not in ("2hop", "path"):
-            raise ValueError(f"graph_task must be 2hop or path, not '{self.graph_task}'")
-        if self.dispatch not in ("auto", "loop", "grouped"):
-            raise ValueError(f"dispatch must be auto, loop or grouped, not '{self.dispatch}'")
-        if self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        for name in ("pb_experts", "graph_experts"):
-            for e in getattr(self, name):
-                if e < self.top_k:
-                    raise ValueError(f"{name} has E={e} < top_k={self.top_k}")
-        for w, h, what in [(w, self.pb_heads, "pb") for w in (*self.pb_dense_widths, self.pb_moe_width)] + \
-                [(w, self.graph_heads, "graph") for w in (*self.graph_dense_widths, self.graph_moe_width)]:
-            if w <= 0 or w % h:
-                raise ValueError(f"{what} width {w} is not a positive multiple of {what}_heads={h}")
-        for w, r in ((self.pb_moe_width, self.pb_mlp_ratio), (self.graph_moe_width, self.graph_mlp_ratio)):
-            if r < 1 or (r * w) % self.top_k:
-                raise ValueError(f"mlp ratio*d = {r * w} is not a positive multiple of top_k={self.top_k}")
-        if not 1 <= self.pb_entries <= self.pb_first * self.pb_last:
-            raise ValueError(f"pb_entries must be in [1, pb_first*pb_last = {self.pb_first * self.pb_last}]")
-        if self.pb_digits < 1:
-            raise ValueError("pb_digits must be >= 1")
+        for name in ("top_k", "pb_heads", "graph_heads"):                  # divisors: checked before use
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        for name, allowed in (("act", ("gelu", "swiglu")), ("graph_task", ("2hop", "path")),
+                              ("dispatch", ("auto", "loop", "grouped"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"not '{getattr(self, name)}'")
+        for task in ("pb", "graph"):
+            g = lambda f: getattr(self, f"{task}_{f}")
+            if any(e < self.top_k for e in g("experts")):
+                raise ValueError(f"--{task}-experts {g('experts')}: every E must be >= --top-k {self.top_k}")
+            if g("moe_width") not in g("dense_widths"):
+                raise ValueError(f"--{task}-moe-width {g('moe_width')} must be one of --{task}-dense-widths "
+                                 f"(the dense model of the MoE's width is its E=1 reference)")
+            for w in g("dense_widths"):
+                if w % g("heads"):
+                    raise ValueError(f"--{task}-dense-widths: {w} is not a multiple of --{task}-heads {g('heads')}")
+            if (g("mlp_ratio") * g("moe_width")) % self.top_k:
+                raise ValueError(f"{task}: mlp_ratio*d = {g('mlp_ratio') * g('moe_width')} must split into "
+                                 f"--top-k {self.top_k} experts")
+        if self.pb_entries > self.pb_first * self.pb_last:
+            raise ValueError(f"--pb-entries {self.pb_entries} > pb_first*pb_last = {self.pb_first * self.pb_last}"
+                             " (names must be unique)")
         pairs = self.graph_nodes * (self.graph_nodes - 1) // 2
-        if self.graph_nodes < 4 or not 3 <= self.graph_edges <= pairs:
-            raise ValueError(f"need graph_nodes >= 4 and 3 <= graph_edges <= {pairs} (all vertex pairs)")
-        if min(self.pb_steps, self.graph_steps, self.pb_batch, self.graph_batch, self.graph_train,
-               self.graph_test, self.eval_batch) < 1:
-            raise ValueError("steps, batches and set sizes must be >= 1")
+        if self.graph_nodes < 4 or not 3 <= self.graph_edges <= pairs - 1:
+            raise ValueError(f"need --graph-nodes >= 4 and 3 <= --graph-edges <= {pairs - 1}")
+        if math.comb(pairs, self.graph_edges) < 10 * (self.graph_train + self.graph_test):
+            raise ValueError(f"only {math.comb(pairs, self.graph_edges):,} graphs with {self.graph_nodes} vertices "
+                             f"and {self.graph_edges} edges: too few for disjoint train and test sets")
 
 
 PRESETS = {
     "smoke": dict(pb_entries=50, pb_digits=3, pb_layers=1, pb_dense_widths=(16,), pb_moe_width=16,
-                  pb_experts=(4,), pb_steps=150, pb_batch=50, pb_lr=1e-2, graph_task="path", graph_nodes=6,
-                  graph_edges=7, graph_train=200, graph_test=100, graph_layers=1, graph_dense_widths=(16,),
-                  graph_moe_width=16, graph_experts=(), graph_steps=30, graph_batch=32, graph_lr=3e-3, warmup=10),
+                  pb_experts=(8,), pb_steps=150, pb_batch=50, pb_lr=1e-2, graph_nodes=6, graph_edges=7,
+                  graph_train=300, graph_test=100, graph_layers=1, graph_dense_widths=(16,), graph_moe_width=16,
+                  graph_experts=(), graph_steps=30, graph_batch=32, graph_lr=3e-3, warmup=10, log_every=10),
     "quick": {},
     "full": dict(pb_entries=100_000, pb_digits=8, pb_first=500, pb_last=500, pb_layers=4, pb_heads=4,
-                 pb_dense_widths=(64, 128, 256, 384), pb_moe_width=64, pb_experts=(4, 8, 16, 32, 64), pb_steps=6000,
-                 pb_batch=1024, pb_lr=2e-3, graph_task="path", graph_nodes=15, graph_edges=22,
-                 graph_train=1_000_000, graph_test=1000, graph_layers=6, graph_heads=4,
-                 graph_dense_widths=(64, 128, 256, 512), graph_moe_width=64, graph_experts=(8, 16, 32),
-                 graph_steps=6000, graph_batch=128, graph_lr=1e-3, eval_batch=4096),
+                 pb_dense_widths=(64, 128, 320), pb_moe_width=64, pb_experts=(4, 16, 64), pb_steps=5000,
+                 pb_batch=1024, pb_lr=2e-3, graph_nodes=32, graph_edges=48, graph_train=1_000_000,
+                 graph_test=3000, graph_dense_widths=(16, 32, 64, 128), graph_moe_width=32,
+                 graph_experts=(4, 16, 64), graph_steps=3000, graph_batch=512, eval_batch=4096, log_every=200),
 }
-
-# -----------------------------------------------------------------------------
-# The MoE layer
-
-
-class MLP(nn.Module):
-    """One feed-forward network: the dense FFN and every expert. gelu: W2 gelu(W1 x); swiglu: W2 (silu(W1 x) * W3 x)."""
-
-    def __init__(self, d: int, hid: int, act: str = "gelu"):
-        super().__init__()
-        self.act = act
-        self.fc = nn.Linear(d, hid, bias=False)
-        self.gate = nn.Linear(d, hid, bias=False) if act == "swiglu" else None
-        self.proj = nn.Linear(hid, d, bias=False)  # named 'proj': common.GPT gives it the scaled init
-
-    def forward(self, x):                          # (T, d) or (B, T, d)
-        h = self.fc(x)
-        h = F.silu(h) * self.gate(x) if self.act == "swiglu" else F.gelu(h)
-        return self.proj(h)
-
-
-class MoE(nn.Module):
-    """Token-choice top-k Mixture of Experts (Mixtral-style, dropless unless capacity_factor > 0).
-
-    After each forward: self.aux (load-balancing loss), self.z (router z-loss), self.load (E,) assignments
-    per expert, self.dropped (assignments dropped by the capacity limit).
-    """
-
-    def __init__(self, d: int, hid: int, n_experts: int, k: int, act: str = "gelu", renorm: bool = True,
-                 capacity_factor: float = 0.0, dispatch: str = "loop"):
-        super().__init__()
-        if not 1 <= k <= n_experts:
-            raise ValueError(f"need 1 <= k <= E, got k={k}, E={n_experts}")
-        if dispatch not in ("loop", "grouped"):
-            raise ValueError(f"dispatch must be loop or grouped, not '{dispatch}'")
-        self.E, self.k, self.renorm, self.capacity_factor = n_experts, k, renorm, capacity_factor
-        self.act, self.dispatch = act, dispatch
-        self.router = nn.Linear(d, n_experts, bias=False)  # N(0, 0.02) init (zeros would tie all tokens to experts 0..k-1)
-        self.experts = nn.ModuleList([MLP(d, hid, act) for _ in range(n_experts)])
-        self.aux = self.z = torch.zeros(())
-        self.load = torch.zeros(n_experts)
-        self.dropped = 0
-
-    def route(self, x):
-        """x (T, d) -> probs (T, E), gate weights (T, k), expert ids (T, k). Router math in fp32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())   # (T, E)
-        probs = logits.softmax(-1)                                     # p_e(x) = softmax(W_r x)_e
-        w, idx = probs.topk(self.k, dim=-1)                            # (T, k), (T, k)
-        if self.renorm:
-            w = w / w.sum(-1, keepdim=True)                            # g = p_topk / sum p_topk
-        return logits, probs, w, idx
-
-    def forward(self, x):                                              # (B, T, d)
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                   # (N, d), N = B*T tokens
-        N, E, k = x.shape[0], self.E, self.k
-        logits, probs, w, idx = self.route(x)
-        counts = torch.bincount(idx.reshape(-1), minlength=E)          # (E,) assignments per expert
-        # Switch load balancing: aux = E * sum_e f_e * P_e, f_e = share of assignments, P_e = mean router prob
-        self.aux = E * (counts.float() / (N * k) * probs.mean(0)).sum()
-        self.z = torch.logsumexp(logits, -1).pow(2).mean()             # ST-MoE router z-loss
-        self.load = counts.detach()
-        # dispatch: sort the N*k (token, slot) assignments by expert, keeping token order within an expert
-        flat_expert = idx.reshape(-1)                                   # (N*k,)
-        order = flat_expert.argsort(stable=True)
-        expert = flat_expert[order]                                     # (N*k,) sorted expert ids
-        tok = torch.arange(N, device=x.device).repeat_interleave(k)[order]   # (N*k,) token of each assignment
-        gate = w.reshape(-1)[order]                                     # (N*k,) its gate weight
-        rank = torch.arange(N * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # place in queue
-        self.dropped = 0
-        if self.capacity_factor > 0:                                    # keep the first C per expert (Switch)
-            cap = math.ceil(self.capacity_factor * k * N / E)
-            keep = rank < cap
-            expert, tok, gate, rank = expert[keep], tok[keep], gate[keep], rank[keep]
-            self.dropped = int((~keep).sum())
-            counts = counts.clamp(max=cap)
-        out = torch.zeros_like(x)                                       # (N, d)
-        if self.dispatch == "grouped":                                  # one batched matmul over experts
-            buf = x.new_zeros(E, int(counts.max()), x.shape[1])          # (E, C, d), C = busiest expert
-            buf[expert, rank] = x[tok]
-            y = self._grouped(buf)[expert, rank]                        # (n_kept, d)
-            out.index_add_(0, tok, (y * gate[:, None]).to(out.dtype))
-        else:                                                           # Mixtral: loop over experts
-            for e, (tok_e, gate_e) in enumerate(zip(tok.split(counts.tolist()), gate.split(counts.tolist()))):
-                if tok_e.numel():                                       # y_t += g_{t,e} * FFN_e(x_t)
-                    y = self.experts[e](x[tok_e]) * gate_e[:, None]
-                    out.index_add_(0, tok_e, y.to(out.dtype))
-        return out.reshape(shape)
-
-    def _grouped(self, buf):
-        """All experts at once on a padded (E, C, d) buffer with their weights stacked: same math as MLP."""
-        W1 = torch.stack([e.fc.weight for e in self.experts])          # (E, hid, d)
-        W2 = torch.stack([e.proj.weight for e in self.experts])        # (E, d, hid)
-        h = buf @ W1.transpose(1, 2)                                    # (E, C, hid)
-        if self.act == "swiglu":
-            h = F.silu(h) * (buf @ torch.stack([e.gate.weight for e in self.experts]).transpose(1, 2))
-        else:
-            h = F.gelu(h)
-        return h @ W2.transpose(1, 2)                                   # (E, C, d)
-
-
-def moe_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, active): active = total - sum over MoE layers of (E - k) * params(expert). Router counts as active."""
-    total = common.count_params(model)
-    idle = sum((m.E - m.k) * common.count_params(m.experts[0]) for m in moe_layers(model))
-    return total, total - idle
-
-
-def build_model(vocab: int, block: int, d: int, layers: int, heads: int, ratio: int, cfg: Config, n_experts: int = 0):
-    """A common.GPT whose FFNs are dense MLP(d, ratio*d) (n_experts = 0) or MoE(d, ratio*d/k, E, k)."""
-    gcfg = common.GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=d,
-                            pos="learned", mlp_ratio=ratio, tie_weights=False)
-    if n_experts:
-        hid = ratio * d // cfg.top_k
-        grouped = "cuda" in str(cfg.device) or n_experts >= 16
-        dispatch = cfg.dispatch if cfg.dispatch != "auto" else ("grouped" if grouped else "loop")
-        factory = lambda c, i: MoE(d, hid, n_experts, cfg.top_k, cfg.act, cfg.renorm, cfg.capacity_factor, dispatch)
-    else:
-        factory = lambda c, i: MLP(d, ratio * d, cfg.act)
-    return common.GPT(gcfg, mlp_factory=factory)
 
 # -----------------------------------------------------------------------------
 # Data: the phone-book (memorization)
@@ -288,56 +152,53 @@ def phonebook_vocab(n_first: int, n_last: int) -> common.Tokenizer:
 
 
 def make_phonebook(n: int, digits: int, n_first: int, n_last: int, gen: torch.Generator) -> torch.Tensor:
-    """n entries with unique (first, last) names and uniform random numbers. Returns (n, digits + 5) ids.
+    """n entries with unique (first, last) names and uniform random numbers: (n, digits + 5) token ids.
 
     One entry, token by token:  <bos> F17 L42 : 3 0 9 1 5 <eos>   ("F17 L42: 30915")
     """
     tok = phonebook_vocab(n_first, n_last)
     name = torch.randperm(n_first * n_last, generator=gen)[:n]        # unique (first, last) pairs
-    first = tok["F0"] + name // n_last
-    last = tok["L0"] + name % n_last
     number = tok["0"] + torch.randint(0, 10, (n, digits), generator=gen)
     col = lambda i: torch.full((n, 1), i, dtype=torch.long)
-    return torch.cat([col(tok["<bos>"]), first[:, None], last[:, None], col(tok[":"]), number, col(tok["<eos>"])], 1)
+    return torch.cat([col(tok["<bos>"]), tok["F0"] + name[:, None] // n_last, tok["L0"] + name[:, None] % n_last,
+                      col(tok[":"]), number, col(tok["<eos>"])], 1)
 
 
-def answer_targets(seqs: torch.Tensor, n_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets): next-token targets with -100 everywhere but the answer (tokens after the prompt)."""
+def answer_targets(seqs: torch.Tensor, n_prompt: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets): next-token targets, -100 on the prompt and on padding (only the answer is scored)."""
     x, y = seqs[:, :-1], seqs[:, 1:].clone()
     y[:, :n_prompt - 1] = -100
-    return x, y
+    return x, y.masked_fill(y == pad, -100)
 
 # -----------------------------------------------------------------------------
 # Data: random graphs (reasoning)
 
 
 def graph_vocab(n: int) -> common.Tokenizer:
-    return common.Tokenizer(["<pad>", "<bos>", "|", ":", "<eos>", "yes", "no"] + [f"v{i}" for i in range(n)])
+    """Specials, one token per vertex, one token per undirected edge {u, v} (u < v)."""
+    return common.Tokenizer(["<pad>", "<bos>", "|", ":", "<eos>"] + [f"v{i}" for i in range(n)]
+                            + [f"e{u}_{v}" for u in range(n) for v in range(u + 1, n)])
 
 
 def random_graphs(B: int, n: int, m: int, gen: torch.Generator):
-    """B graphs with m distinct undirected edges on n vertices: edge list (B, m, 2), adjacency (B, n, n) bool."""
-    iu = torch.triu_indices(n, n, 1)                                    # (2, P) all vertex pairs
+    """B graphs with m distinct undirected edges on n vertices: edge ids (B, m) in random order, adjacency (B, n, n)."""
+    iu = torch.triu_indices(n, n, 1)                                     # (2, P) all vertex pairs, row-major
     pick = torch.rand(B, iu.shape[1], generator=gen).argsort(-1)[:, :m]  # m distinct pairs, random order
-    edges = iu.T[pick]                                                  # (B, m, 2)
-    flip = torch.rand(B, m, generator=gen) < 0.5                        # random orientation of each edge
-    edges = torch.where(flip[..., None], edges.flip(-1), edges)
     A = torch.zeros(B, n, n, dtype=torch.bool)
     b = torch.arange(B)[:, None]
-    A[b, edges[..., 0], edges[..., 1]] = True
-    A[b, edges[..., 1], edges[..., 0]] = True
-    return edges, A
+    A[b, iu[0][pick], iu[1][pick]] = True
+    A[b, iu[1][pick], iu[0][pick]] = True
+    return pick, A
 
 
 def all_pairs_dist(A: torch.Tensor) -> torch.Tensor:
-    """BFS distances by repeated frontier expansion: (B, n, n) bool -> (B, n, n) long, n+1 = unreachable."""
+    """BFS distances by frontier expansion: (B, n, n) bool -> (B, n, n) long, n + 1 = unreachable."""
     B, n, _ = A.shape
-    Af = A.float()
     dist = torch.full((B, n, n), n + 1, dtype=torch.long)
     reach = torch.eye(n, dtype=torch.bool).expand(B, n, n).clone()
     dist[reach] = 0
     for d in range(1, n):
-        new = (reach.float() @ Af > 0) & ~reach
+        new = (reach.float() @ A.float() > 0) & ~reach
         if not new.any():
             break
         dist[new] = d
@@ -345,349 +206,444 @@ def all_pairs_dist(A: torch.Tensor) -> torch.Tensor:
     return dist
 
 
-def sample_pairs(mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One uniformly random (s, t) with mask[b, s, t] per graph (mask must have a True per row)."""
-    B, n, _ = mask.shape
-    score = torch.rand(B, n * n, generator=gen).masked_fill(~mask.reshape(B, -1), -1.0)
-    st = score.argmax(-1)
-    return st // n, st % n
-
-
-def shortest_path_targets(A: torch.Tensor, dist: torch.Tensor, s: torch.Tensor, t: torch.Tensor, length: int):
-    """The BFS shortest path s -> t, smallest-index neighbour at ties: (B, length) vertex ids, -1 padded."""
+def shortest_path_targets(A, dist, s, t, length: int, gen: torch.Generator) -> torch.Tensor:
+    """A shortest path s -> t, each hop a random neighbour one step closer to t: (B, length) vertex ids, -1 padded."""
     B, n, _ = A.shape
     b = torch.arange(B)
     path = torch.full((B, length), -1, dtype=torch.long)
     cur, path[:, 0] = s.clone(), s
-    d_t = dist[b, :, t]                                                 # (B, n) distance of every vertex to t
+    d_t = dist[b, :, t]                                                  # (B, n) distance of every vertex to t
     for i in range(1, length):
         going = d_t[b, cur] > 0
-        step_ok = A[b, cur] & (d_t == (d_t[b, cur] - 1)[:, None])      # neighbours one step closer to t
-        nxt = torch.where(step_ok, torch.arange(n), n).min(-1).values  # smallest such index
+        closer = A[b, cur] & (d_t == (d_t[b, cur] - 1)[:, None])         # neighbours one step closer to t
+        nxt = (torch.rand(B, n, generator=gen) * closer).argmax(-1)      # a random one of them
         cur = torch.where(going, nxt, cur)
         path[:, i] = torch.where(going, cur, -1)
     return path
 
 
-def make_graph_task(B: int, n: int, m: int, task: str, gen: torch.Generator) -> dict:
-    """B examples of the graph task, as token ids plus the graphs (for checking answers).
-
-    path: <bos> v3 v0 v1 v5 ... (m edges as vertex pairs) | v3 v4 : v3 v0 v4 <eos> <pad> ...
-          (shortest path from s=v3 to t=v4; distance >= 2; any shortest path is accepted at eval)
-    2hop: <bos> v3 v0 v1 v5 ... | v3 v4 : yes      ("is there a w with s-w and w-t edges?", balanced yes/no)
-    """
-    tok = graph_vocab(n)
-    V0 = tok["v0"]
-    out = {"seqs": [], "A": [], "s": [], "t": [], "dist": []}
-    need = B
-    while need > 0:
-        edges, A = random_graphs(need + need // 4 + 8, n, m, gen)
-        dist = all_pairs_dist(A)
-        if task == "path":
-            cand = (dist >= 2) & (dist <= n)
-        else:
-            two = (A.float() @ A.float() > 0) & ~torch.eye(n, dtype=torch.bool)  # a length-2 path exists
-            want_yes = torch.rand(A.shape[0], generator=gen) < 0.5
-            no = ~two & ~torch.eye(n, dtype=torch.bool)
-            has_yes, has_no = two.flatten(1).any(1), no.flatten(1).any(1)
-            use_yes = (want_yes & has_yes) | ~has_no
-            cand = torch.where(use_yes[:, None, None], two, no)
-        ok = cand.flatten(1).any(1)
-        edges, A, dist, cand = edges[ok][:need], A[ok][:need], dist[ok][:need], cand[ok][:need]
-        s, t = sample_pairs(cand, gen)
-        Bc = A.shape[0]
-        col = lambda name: torch.full((Bc, 1), tok[name], dtype=torch.long)
-        prompt = torch.cat([col("<bos>"), V0 + edges.reshape(Bc, -1), col("|"), V0 + s[:, None], V0 + t[:, None],
-                            col(":")], 1)
-        if task == "path":
-            p = shortest_path_targets(A, dist, s, t, n)                       # (Bc, n), -1 padded
-            ans = torch.where(p >= 0, V0 + p, tok["<pad>"])
-            ans = torch.cat([ans, col("<pad>")], 1)
-            ans[torch.arange(Bc), dist[torch.arange(Bc), s, t] + 1] = tok["<eos>"]
-        else:
-            ans = torch.where(two[torch.arange(Bc), s, t], tok["yes"], tok["no"])[:, None]
-        out["seqs"].append(torch.cat([prompt, ans], 1))
-        for key, val in (("A", A), ("s", s), ("t", t), ("dist", dist[torch.arange(Bc), s, t])):
-            out[key].append(val)
-        need -= Bc
-    res = {key: torch.cat(v) for key, v in out.items()}
-    res["prompt_len"] = 2 * m + 5
-    return res
-
-
 def graph_hash(A: torch.Tensor) -> torch.Tensor:
-    """A 63-bit hash of each graph's edge set (Zobrist-style sum of fixed random keys), (B,)."""
+    """A 63-bit hash of each graph's edge set (a Zobrist sum of fixed random keys): (B,) int64."""
     n = A.shape[-1]
     keys = torch.randint(0, 2**62, (n, n), generator=torch.Generator().manual_seed(1234))
     return (A.long() * keys).flatten(1).sum(1)
 
 
+def make_graph_task(B: int, n: int, m: int, task: str, gen: torch.Generator) -> dict:
+    """B examples: token ids plus what checks an answer (adjacency A, s, t, dist(s, t)) and each graph's hash.
+
+    2hop (dist(s, t) = 2):  <bos> e0_3 e2_5 ... e1_4 | v3 v4 : v3 v0 v4 <eos>       (any common neighbour counts)
+    path (dist(s, t) >= 2): <bos> e0_3 ... | v3 v7 : v3 v0 v5 v7 <eos> <pad> ...    (any shortest path counts)
+    """
+    tok = graph_vocab(n)
+    V0, E0 = tok["v0"], tok[f"e0_1"]
+    L = 3 if task == "2hop" else n                                        # path slots in the answer
+    out = {k: [] for k in ("seqs", "A", "s", "t", "dist")}
+    need = B
+    while need > 0:
+        edges, A = random_graphs(need + need // 4 + 8, n, m, gen)
+        dist = all_pairs_dist(A)
+        cand = (dist == 2) if task == "2hop" else (dist >= 2) & (dist <= n)
+        ok = cand.flatten(1).any(1)
+        edges, A, dist, cand = edges[ok][:need], A[ok][:need], dist[ok][:need], cand[ok][:need]
+        Bc, b = A.shape[0], torch.arange(A.shape[0])
+        score = torch.rand(Bc, n * n, generator=gen).masked_fill(~cand.reshape(Bc, -1), -1.0)
+        s, t = score.argmax(-1) // n, score.argmax(-1) % n                # a random valid query (s, t)
+        col = lambda name: torch.full((Bc, 1), tok[name], dtype=torch.long)
+        prompt = torch.cat([col("<bos>"), E0 + edges, col("|"), V0 + s[:, None], V0 + t[:, None], col(":")], 1)
+        p = shortest_path_targets(A, dist, s, t, L, gen)
+        ans = torch.cat([torch.where(p >= 0, V0 + p, tok["<pad>"]), col("<pad>")], 1)
+        ans[b, dist[b, s, t] + 1] = tok["<eos>"]
+        out["seqs"].append(torch.cat([prompt, ans], 1))
+        for key, val in (("A", A), ("s", s), ("t", t), ("dist", dist[b, s, t])):
+            out[key].append(val)
+        need -= Bc
+    res = {key: torch.cat(v) for key, v in out.items()}
+    res["hash"] = graph_hash(res["A"])
+    res["prompt_len"] = m + 5
+    return res
+
+
+def graph_split(n_train: int, n_test: int, n: int, m: int, task: str, seed: int) -> tuple[dict, dict]:
+    """Training examples and held-out test examples whose graphs never occur in training (one generator).
+
+    Training is built in chunks and keeps only its token ids; test keeps the graphs to check answers.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    chunks = [make_graph_task(min(50_000, n_train - i), n, m, task, gen) for i in range(0, n_train, 50_000)]
+    train = {"seqs": torch.cat([c["seqs"] for c in chunks]), "hash": torch.cat([c["hash"] for c in chunks]),
+             "prompt_len": m + 5}
+    parts, have = [], 0
+    for _ in range(10):
+        cand = make_graph_task(n_test, n, m, task, gen)
+        fresh = ~torch.isin(cand["hash"], train["hash"])                   # drop graphs seen in training
+        parts.append({k: v[fresh] for k, v in cand.items() if torch.is_tensor(v)})
+        have += int(fresh.sum())
+        if have >= n_test:
+            break
+    else:
+        raise ValueError(f"could not draw {n_test} test graphs unseen in training (graph space too small)")
+    test = {k: torch.cat([p[k] for p in parts])[:n_test] for k in parts[0]}
+    test["prompt_len"] = m + 5
+    return train, test
+
+
 def check_paths(pred: torch.Tensor, A: torch.Tensor, s, t, dist, v0: int, eos: int) -> torch.Tensor:
-    """(B,) bool: pred (B, L) tokens spell *a* shortest path s -> t then <eos> (any tie is accepted)."""
+    """(B,) bool: pred (B, L) tokens spell *a* shortest path s -> t, then <eos> (any tie is accepted)."""
     B, L = pred.shape
     n = A.shape[-1]
     b = torch.arange(B)
     v = pred - v0
-    is_vertex = (v >= 0) & (v < n)
     vc = v.clamp(0, n - 1)
     pos = torch.arange(L)[None, :]
-    inside = pos <= dist[:, None]                                       # the dist+1 vertices of the path
-    ok = torch.where(inside, is_vertex, True).all(1)
-    hop = A[b[:, None], vc[:, :-1], vc[:, 1:]]                          # (B, L-1) is (v_i, v_i+1) an edge?
+    on_path = pos <= dist[:, None]                                       # the dist + 1 vertices of the path
+    ok = torch.where(on_path, (v >= 0) & (v < n), True).all(1)
+    hop = A[b[:, None], vc[:, :-1], vc[:, 1:]]                           # (B, L-1) is (v_i, v_i+1) an edge?
     ok &= torch.where(pos[:, 1:] <= dist[:, None], hop, True).all(1)
     ok &= (vc[:, 0] == s) & (vc[b, dist.clamp(max=L - 1)] == t)
-    eos_at = (dist + 1).clamp(max=L - 1)
-    ok &= (pred[b, eos_at] == eos) & (dist + 1 < L)
-    return ok
+    return ok & (dist + 1 < L) & (pred[b, (dist + 1).clamp(max=L - 1)] == eos)
+
+# -----------------------------------------------------------------------------
+# Model: the MoE layer (router + experts). Copy MLP and MoE together; they need only torch.
+
+
+class MLP(nn.Module):
+    """One feed-forward network (the dense FFN and every expert). gelu: W2 gelu(W1 x); swiglu: W2 (silu(W1 x) * W3 x)."""
+
+    def __init__(self, d: int, hid: int, act: str = "gelu"):
+        super().__init__()
+        self.act = act
+        self.fc = nn.Linear(d, hid, bias=False)
+        self.gate = nn.Linear(d, hid, bias=False) if act == "swiglu" else None
+        self.proj = nn.Linear(hid, d, bias=False)   # named 'proj': common.GPT gives it the scaled init
+
+    def forward(self, x):                           # (..., d)
+        h = self.fc(x)
+        return self.proj(F.silu(h) * self.gate(x) if self.act == "swiglu" else F.gelu(h))
+
+
+class MoE(nn.Module):
+    """Token-choice top-k Mixture of Experts (Mixtral-style; dropless unless capacity_factor > 0).
+
+    forward(x (B, T, d)) -> (B, T, d). After each forward: self.aux (Switch load-balancing loss, 1 at
+    perfect balance, E at collapse), self.z (router z-loss), self.load (E,) assignments per expert,
+    self.dropped (assignments past the capacity). dispatch: loop (per expert, as Mixtral) | grouped (one bmm).
+    """
+
+    def __init__(self, d: int, hid: int, n_experts: int, k: int = 2, act: str = "gelu", renorm: bool = True,
+                 capacity_factor: float = 0.0, dispatch: str = "loop"):
+        super().__init__()
+        if not 1 <= k <= n_experts or dispatch not in ("loop", "grouped"):
+            raise ValueError(f"need 1 <= k <= E and dispatch loop|grouped (k={k}, E={n_experts}, {dispatch})")
+        self.E, self.k, self.renorm, self.capacity_factor, self.dispatch = n_experts, k, renorm, capacity_factor, dispatch
+        self.act = act
+        self.router = nn.Linear(d, n_experts, bias=False)
+        self.experts = nn.ModuleList([MLP(d, hid, act) for _ in range(n_experts)])
+        self.aux = self.z = torch.zeros(())
+        self.load = torch.zeros(n_experts)
+        self.dropped = 0
+
+    def route(self, x):
+        """x (N, d) -> logits (N, E), probs (N, E), gate weights (N, k), expert ids (N, k). Router in fp32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())    # (N, E)
+        probs = logits.softmax(-1)                                      # p_e(x) = softmax(W_r x)_e
+        w, idx = probs.topk(self.k, dim=-1)                             # (N, k), (N, k)
+        if self.renorm:
+            w = w / w.sum(-1, keepdim=True)                             # g = p_topk / sum p_topk
+        return logits, probs, w, idx
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                    # (N, d), N = B*T tokens
+        N, E, k = x.shape[0], self.E, self.k
+        logits, probs, w, idx = self.route(x)
+        counts = torch.bincount(idx.reshape(-1), minlength=E)           # (E,) assignments per expert
+        # Switch load balancing: aux = E * sum_e f_e * P_e, f_e = share of assignments, P_e = mean router prob
+        self.aux = E * (counts.float() / (N * k) * probs.mean(0)).sum()
+        self.z = torch.logsumexp(logits, -1).pow(2).mean()              # ST-MoE router z-loss
+        self.load = counts.detach()
+        # sort the N*k (token, slot) assignments by expert, keeping token order within an expert
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        expert = flat[order]                                            # (N*k,) expert of each assignment
+        tok = torch.arange(N, device=x.device).repeat_interleave(k)[order]    # its token
+        gate = w.reshape(-1)[order]                                     # its gate weight
+        rank = torch.arange(N * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # place in queue
+        self.dropped = 0
+        if self.capacity_factor > 0:                                    # keep the first C per expert (Switch)
+            cap = math.ceil(self.capacity_factor * k * N / E)
+            keep = rank < cap
+            expert, tok, gate, rank = expert[keep], tok[keep], gate[keep], rank[keep]
+            self.dropped = int((~keep).sum())
+            counts = counts.clamp(max=cap)
+        out = torch.zeros_like(x)                                       # (N, d)
+        if self.dispatch == "grouped":                                  # every expert in one batched matmul
+            buf = x.new_zeros(E, int(counts.max()), x.shape[1])         # (E, C, d), C = busiest expert's load
+            buf[expert, rank] = x[tok]
+            y = self._grouped(buf)[expert, rank]                        # (kept, d)
+            out.index_add_(0, tok, (y * gate[:, None]).to(out.dtype))
+        else:                                                           # Mixtral: loop over the experts
+            for e, (tok_e, gate_e) in enumerate(zip(tok.split(counts.tolist()), gate.split(counts.tolist()))):
+                y = self.experts[e](x[tok_e]) * gate_e[:, None]         # y_t += g_te * FFN_e(x_t); an idle
+                out.index_add_(0, tok_e, y.to(out.dtype))               # expert still runs (0 rows) for DDP
+        return out.reshape(shape)
+
+    def _grouped(self, buf):
+        """All experts at once on a padded (E, C, d) buffer, their weights stacked: the same math as MLP."""
+        h = buf @ torch.stack([e.fc.weight for e in self.experts]).transpose(1, 2)           # (E, C, hid)
+        if self.act == "swiglu":
+            h = F.silu(h) * (buf @ torch.stack([e.gate.weight for e in self.experts]).transpose(1, 2))
+        else:
+            h = F.gelu(h)
+        return h @ torch.stack([e.proj.weight for e in self.experts]).transpose(1, 2)        # (E, C, d)
+
+
+def moe_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active): active = total - sum over MoE layers of (E - k) * params(expert). The router is active."""
+    total = common.count_params(model)
+    idle = sum((m.E - m.k) * common.count_params(m.experts[0]) for m in moe_layers(model))
+    return total, total - idle
+
+
+def build_model(vocab: int, block: int, d: int, layers: int, heads: int, ratio: int, cfg: Config,
+                n_experts: int = 0) -> common.GPT:
+    """common.GPT whose FFNs are MLP(d, ratio*d) (n_experts = 0) or MoE(d, ratio*d/k, E, k) in every layer."""
+    gcfg = common.GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=d,
+                            pos="learned", mlp_ratio=ratio, tie_weights=False)
+    if not n_experts:
+        return common.GPT(gcfg, mlp_factory=lambda c, i: MLP(d, ratio * d, cfg.act))
+    grouped = cfg.dispatch == "grouped" or (cfg.dispatch == "auto" and ("cuda" in cfg.device or n_experts >= 16))
+    return common.GPT(gcfg, mlp_factory=lambda c, i: MoE(d, ratio * d // cfg.top_k, n_experts, cfg.top_k, cfg.act,
+                                                         cfg.renorm, cfg.capacity_factor,
+                                                         "grouped" if grouped else "loop"))
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+
+def train(model, cfg: Config, get_batch, steps: int, lr: float, wd: float, desc: str):
+    """AdamW, warmup + cosine, grad clip. Loss = answer-token cross-entropy (token mean over the global batch)
+    + aux_coef * the MoE layers' load-balancing losses (+ z_coef * router z-losses).
+    Returns the history and each layer's share of assignments per expert over the last 20% of steps."""
+    device = torch.device(cfg.device)
+    moes = moe_layers(model)
+    opt = common.configure_adamw(model, lr, wd)
+    fwd = common.wrap_ddp(model, device)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    hist, t0 = {"step": [], "loss": [], "aux": []}, time.time()
+    load = torch.zeros(len(moes), moes[0].E) if moes else None
+    bar = common.progress(range(steps), desc)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = common.lr_at(step, steps, lr, min(cfg.warmup, steps // 2))
+        x, y = common.shard(*get_batch(step))                          # this rank's rows of the global batch
+        with common.autocast(device):
+            task = common.token_mean(*common.cross_entropy_sum(fwd(x)[0], y))
+            aux = sum(m.aux for m in moes) if moes else torch.zeros((), device=device)   # per layer, summed
+            z = sum(m.z for m in moes) if moes else torch.zeros((), device=device)
+            loss = task + cfg.aux_coef * aux + cfg.z_coef * z
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if moes and step >= 0.8 * steps:
+            load += torch.stack([m.load.float().cpu() for m in moes])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            hist["step"].append(step)
+            hist["loss"].append(common.global_mean(task))
+            hist["aux"].append(common.global_mean(aux) / max(1, len(moes)))
+            bar.set_postfix_str(common.step_log(step + 1, steps, t0, loss=hist["loss"][-1], aux=hist["aux"][-1]))
+    return hist, (load / load.sum(1, keepdim=True).clamp(min=1) if moes else None)
 
 # -----------------------------------------------------------------------------
 # Evaluation
 
 
 @torch.no_grad()
-def eval_phonebook(model, seqs: torch.Tensor, device, batch: int) -> dict:
-    """Closed-book recall: greedy-decode the digits and <eos> from '<bos> F L :'; exact match on all of them."""
+def eval_phonebook(model, seqs: torch.Tensor, device, batch: int, pad: int) -> dict:
+    """Closed-book recall: greedy-decode the digits and <eos> after '<bos> F L :'; exact match on all of them."""
     model.eval()
     hit, loss_sum = 0, 0.0
     for i in range(0, len(seqs), batch):
         chunk = seqs[i:i + batch].to(device)
         with common.autocast(device):
             out = model.generate(chunk[:, :4], chunk.shape[1] - 4, greedy=True)
-            x, y = answer_targets(chunk, 4)
-            loss_sum += float(model(x, y)[1]) * len(chunk)
+            loss_sum += float(model(*answer_targets(chunk, 4, pad))[1]) * len(chunk)
         hit += int((out[:, 4:] == chunk[:, 4:]).all(1).sum())
+    model.train()
     return {"acc": hit / len(seqs), "loss": loss_sum / len(seqs)}
 
 
 @torch.no_grad()
-def eval_graph(model, data: dict, task: str, device, batch: int) -> dict:
-    """Held-out accuracy: 2hop = the yes/no token is right; path = the decoded path is a valid shortest path."""
+def eval_graph(model, data: dict, device, batch: int) -> dict:
+    """Held-out accuracy: the greedy answer is a valid path of the right length from s to t, then <eos>."""
     model.eval()
-    P = data["prompt_len"]
-    n = data["A"].shape[-1]
+    P, n = data["prompt_len"], data["A"].shape[-1]
     tok = graph_vocab(n)
     hit, loss_sum, N = 0, 0.0, len(data["seqs"])
     for i in range(0, N, batch):
         sl = slice(i, i + batch)
         seqs = data["seqs"][sl].to(device)
-        x, y = answer_targets(seqs, P)
-        y = y.masked_fill(y == tok["<pad>"], -100)
         with common.autocast(device):
-            loss_sum += float(model(x, y)[1]) * len(seqs)
-            if task == "2hop":
-                pred = model(seqs[:, :P])[0][:, -1].argmax(-1)
-                hit += int((pred == seqs[:, P]).sum())
-            else:
-                out = model.generate(seqs[:, :P], seqs.shape[1] - P, greedy=True).cpu()
-                ok = check_paths(out[:, P:], data["A"][sl], data["s"][sl], data["t"][sl], data["dist"][sl],
-                                 tok["v0"], tok["<eos>"])
-                hit += int(ok.sum())
+            loss_sum += float(model(*answer_targets(seqs, P, tok["<pad>"]))[1]) * len(seqs)
+            out = model.generate(seqs[:, :P], seqs.shape[1] - P, greedy=True).cpu()
+        hit += int(check_paths(out[:, P:], data["A"][sl], data["s"][sl], data["t"][sl], data["dist"][sl],
+                               tok["v0"], tok["<eos>"]).sum())
+    model.train()
     return {"acc": hit / N, "loss": loss_sum / N}
 
 # -----------------------------------------------------------------------------
-# Training one model
+# Experiments: one model family per task (dense widths + MoEs at one width), then the gap each MoE closes
 
 
-def train_one(model, data: torch.Tensor, n_prompt: int, pad_id: int, steps: int, batch: int, lr: float,
-              wd: float, cfg: Config, device, gen: torch.Generator, desc: str):
-    """AdamW (common.train) on answer tokens + aux_coef * sum of per-layer balance losses (+ z-loss).
-    Returns (history, routing load (layers, E) share of assignments over the last 20% of steps)."""
-    moes = moe_layers(model)
-    load = torch.zeros(len(moes), moes[0].E) if moes else None
-    calls = [0]
-
-    def get_batch(step):
-        rows = data[torch.randint(0, len(data), (batch,), generator=gen)]
-        x, y = answer_targets(rows, n_prompt)
-        y = y.masked_fill(y == pad_id, -100)
-        return x.to(device), y.to(device)
-
-    def loss_fn(m, b):
-        loss = m(*b)[1]
-        if moes:
-            loss = loss + cfg.aux_coef * sum(l.aux for l in moes)
-            if cfg.z_coef:
-                loss = loss + cfg.z_coef * sum(l.z for l in moes)
-            calls[0] += 1
-            if calls[0] > 0.8 * steps:
-                for j, l in enumerate(moes):
-                    load[j] += l.load.float().cpu()
-        return loss
-
-    hist = common.train(model, get_batch, steps=steps, lr=lr, device=device, warmup=min(cfg.warmup, steps // 2),
-                        weight_decay=wd, loss_fn=loss_fn, compile=cfg.compile, desc=desc, quiet=True)
-    if load is not None:
-        load = load / load.sum(1, keepdim=True).clamp(min=1)
-    return hist, load
+def model_grid(dense_widths, moe_width: int, experts, k: int) -> list:
+    """[(name, width, E)], E = 0 for dense."""
+    return [(f"dense_d{w}", w, 0) for w in dense_widths] + [(f"moe_e{e}_k{k}", moe_width, e) for e in experts]
 
 
-def model_names(dense_widths, moe_experts, k):
-    return [(f"dense_d{w}", w, 0) for w in dense_widths] + [(f"moe_e{e}_k{k}", None, e) for e in moe_experts]
+def gap_closed(rows: dict, task: str, moe_width: int) -> dict:
+    """Where each MoE sits between the dense model of its width (0) and the dense model whose total size is
+    closest to the largest MoE's (1): (acc_moe - acc_lo) / (acc_hi - acc_lo)."""
+    moes = {n: r for n, r in rows.items() if r["E"] > 1}
+    if not moes:
+        return {}
+    lo = rows[f"dense_d{moe_width}"]
+    big = max(moes.values(), key=lambda r: r["total"])["total"]
+    hi = min((r for r in rows.values() if r["E"] == 1), key=lambda r: abs(r["total"] - big))
+    if hi is lo:
+        return {}
+    return {common.mkey(f"{task}_gap_closed", n): (r["acc"] - lo["acc"]) / (hi["acc"] - lo["acc"])
+            for n, r in moes.items()}
 
 
-def run_phonebook(cfg: Config, device, seed: int) -> tuple[dict, dict]:
-    gen = torch.Generator().manual_seed(seed)
+def train_family(cfg: Config, task: str, data: torch.Tensor, n_prompt: int, vocab: int, evaluate) -> dict:
+    """Train and evaluate every model of one task (same seed, same batches); rows of numbers per model."""
+    p = lambda f: getattr(cfg, f"{task}_{f}")
+    pad, rows = 0, {}
+    for name, d, E in model_grid(p("dense_widths"), p("moe_width"), p("experts"), cfg.top_k):
+        torch.manual_seed(cfg.seed)
+        model = build_model(vocab, data.shape[1], d, p("layers"), p("heads"), p("mlp_ratio"), cfg, E).to(cfg.device)
+        gen = torch.Generator().manual_seed(cfg.seed + 7)                 # the same batches for every model
+
+        def get_batch(step):
+            rows_ = data[torch.randint(0, len(data), (p("batch"),), generator=gen)]
+            x, y = answer_targets(rows_, n_prompt, pad)
+            return x.to(cfg.device), y.to(cfg.device)
+        t0 = time.time()
+        hist, load = train(model, cfg, get_batch, p("steps"), p("lr"), cfg.graph_wd if task == "graph" else 0.0,
+                           f"{task} {name}")
+        res = evaluate(model) if common.is_main() else {"acc": float("nan"), "loss": float("nan")}
+        total, active = param_counts(model)
+        rows[name] = dict(d=d, E=E or 1, total=total, active=active, acc=res["acc"], loss=res["loss"],
+                          load=load, seconds=time.time() - t0, curve=hist["loss"])
+        common.print0(f"{task} {name:12s} total {total:>9,} active {active:>9,} | answer loss {res['loss']:.3f} "
+                      f"| acc {res['acc']:.3f} | {time.time() - t0:.0f} s")
+    return rows
+
+
+def exp_phonebook(cfg: Config) -> dict:
+    """Memorization: closed-book recall of every training entry, dense widths vs MoEs at one width."""
     tok = phonebook_vocab(cfg.pb_first, cfg.pb_last)
-    data = make_phonebook(cfg.pb_entries, cfg.pb_digits, cfg.pb_first, cfg.pb_last, gen)
-    ev = data if not cfg.pb_eval_max else data[:cfg.pb_eval_max]
-    rows = {}
-    for name, w, E in model_names(cfg.pb_dense_widths, cfg.pb_experts, cfg.top_k):
-        torch.manual_seed(seed)
-        d = w or cfg.pb_moe_width
-        model = build_model(len(tok), data.shape[1], d, cfg.pb_layers, cfg.pb_heads, cfg.pb_mlp_ratio, cfg, E).to(device)
-        t0 = time.time()
-        hist, load = train_one(model, data, 4, tok["<pad>"], cfg.pb_steps, cfg.pb_batch, cfg.pb_lr, 0.0, cfg,
-                               device, gen, f"phonebook {name}")
-        res = eval_phonebook(model, ev, device, cfg.eval_batch)
-        total, active = param_counts(model)
-        rows[name] = dict(d=d, E=E or 1, total=total, active=active, acc=res["acc"], loss=res["loss"],
-                          load=load, seconds=time.time() - t0, curve=hist["loss"])
-        common.print0(f"phonebook {name:12s} total {total:>9,} active {active:>9,} | answer loss "
-                      f"{res['loss']:.3f} | recall {res['acc']:.3f} | {time.time() - t0:.0f} s")
-    return rows, {"entries": cfg.pb_entries, "digits": cfg.pb_digits}
+    data = make_phonebook(cfg.pb_entries, cfg.pb_digits, cfg.pb_first, cfg.pb_last,
+                          torch.Generator().manual_seed(cfg.seed))
+    return train_family(cfg, "pb", data, 4, len(tok),
+                        lambda model: eval_phonebook(model, data, cfg.device, cfg.eval_batch, tok["<pad>"]))
 
 
-def run_graph(cfg: Config, device, seed: int) -> tuple[dict, dict]:
-    gen = torch.Generator().manual_seed(seed + 1)
-    tok = graph_vocab(cfg.graph_nodes)
-    chunks = [make_graph_task(min(100_000, cfg.graph_train - i), cfg.graph_nodes, cfg.graph_edges, cfg.graph_task, gen)
-              for i in range(0, cfg.graph_train, 100_000)]
-    train = {k: (torch.cat([c[k] for c in chunks]) if torch.is_tensor(chunks[0][k]) else chunks[0][k]) for k in chunks[0]}
-    test_gen = torch.Generator().manual_seed(seed + 10_007)            # held-out graphs: another seed ...
-    test = make_graph_task(cfg.graph_test + cfg.graph_test // 10 + 10, cfg.graph_nodes, cfg.graph_edges,
-                           cfg.graph_task, test_gen)
-    fresh = ~torch.isin(graph_hash(test["A"]), graph_hash(train["A"]))  # ... and none equal to a training graph
-    test = {k: (v[fresh][:cfg.graph_test] if torch.is_tensor(v) else v) for k, v in test.items()}
-    rows = {}
-    for name, w, E in model_names(cfg.graph_dense_widths, cfg.graph_experts, cfg.top_k):
-        torch.manual_seed(seed)
-        d = w or cfg.graph_moe_width
-        model = build_model(len(tok), train["seqs"].shape[1], d, cfg.graph_layers, cfg.graph_heads, cfg.graph_mlp_ratio,
-                            cfg, E).to(device)
-        t0 = time.time()
-        hist, load = train_one(model, train["seqs"], train["prompt_len"], tok["<pad>"], cfg.graph_steps,
-                               cfg.graph_batch, cfg.graph_lr, cfg.graph_wd, cfg, device, gen, f"graph {name}")
-        res = eval_graph(model, test, cfg.graph_task, device, cfg.eval_batch)
-        total, active = param_counts(model)
-        rows[name] = dict(d=d, E=E or 1, total=total, active=active, acc=res["acc"], loss=res["loss"],
-                          load=load, seconds=time.time() - t0, curve=hist["loss"])
-        common.print0(f"graph {name:12s} total {total:>9,} active {active:>9,} | answer loss "
-                      f"{res['loss']:.3f} | test acc {res['acc']:.3f} | {time.time() - t0:.0f} s")
-    n_yes = int((test["seqs"][:, test["prompt_len"]] == tok["yes"]).sum()) if cfg.graph_task == "2hop" else 0
-    return rows, {"test_size": len(test["seqs"]), "yes_share": n_yes / len(test["seqs"]),
-                  "dropped_duplicates": int((~fresh).sum())}
-
-# -----------------------------------------------------------------------------
-# Report
-
-
-def usage_line(load: torch.Tensor) -> str:
-    """Per-expert share of assignments (averaged over layers) in % and max/mean, min/mean (1 = balanced)."""
-    share = load.mean(0)
-    E = share.numel()
-    return (" ".join(f"{100 * v:.1f}" for v in share.tolist())
-            + f"   | max/mean {float(load.max()) * E:.2f}, min/mean {float(load.min()) * E:.2f}")
-
-
-def report(task: str, rows: dict, paper: dict, moe_d: int, metric: str):
-    """The headline table: one row per model with the paper's qualitative result beside ours."""
-    table = []
-    for name, r in rows.items():
-        tag = " (= E=1)" if (r["E"] == 1 and r["d"] == moe_d) else ""   # the dense member of the MoE family
-        table.append([name + tag, r["d"], r["E"], f"{r['total']:,}", f"{r['active']:,}", r["loss"], r["acc"],
-                      paper["moe" if name.startswith("moe") else "dense"], f"{r['seconds']:.0f}"])
-    common.print_table(table, ["model", "d", "E", "total params", "active params", "answer loss",
-                               f"ours: {metric}", "paper (qualitative)", "s"], title=task)
-    for name, r in rows.items():
-        if r["load"] is not None:
-            common.print0(f"  routing load {name} (% of assignments per expert, last 20% of steps): {usage_line(r['load'])}")
-    common.print0("")
-
-
-def summary_lines(pb: dict, gr: dict, cfg: Config) -> list[str]:
-    """The finding in measured numbers: recall rises with E at fixed active size; graph accuracy does not."""
-    out = []
-    moe_pb = [r for n, r in pb.items() if n.startswith("moe")]
-    base = pb.get(f"dense_d{cfg.pb_moe_width}")
-    if moe_pb:
-        seq = ([f"E=1 {base['acc']:.2f}"] if base else []) + [f"E={r['E']} {r['acc']:.2f}" for r in moe_pb]
-        out.append(f"phone-book recall at fixed active size (d={cfg.pb_moe_width}, top-{cfg.top_k}): " + " -> ".join(seq))
-    moe_g = [r for n, r in gr.items() if n.startswith("moe")]
-    gbase = gr.get(f"dense_d{cfg.graph_moe_width}")
-    if moe_g:
-        seq = ([f"E=1 {gbase['acc']:.2f}"] if gbase else []) + [f"E={r['E']} {r['acc']:.2f}" for r in moe_g]
-        wid = " -> ".join(f"d={r['d']} {r['acc']:.2f}" for n, r in gr.items() if n.startswith("dense"))
-        out.append(f"graph ({cfg.graph_task}) accuracy at fixed width d={cfg.graph_moe_width}: " + " -> ".join(seq)
-                   + f";  dense by width: {wid}")
-    return out
-
-
-def plot_results(name: str, rows: dict, out_dir: str, ylabel: str, moe_d: int):
-    """Accuracy vs total and vs active parameters; the MoE line starts at its E=1 member (dense at moe_d)."""
-    for axis in ("total", "active"):
-        curves = {}
-        for fam in ("dense", "moe"):
-            pts = sorted((r[axis], r["acc"]) for n, r in rows.items()
-                         if n.startswith(fam) or (fam == "moe" and n == f"dense_d{moe_d}"))
-            if len(pts) > (fam == "moe"):
-                curves[fam if fam == "dense" else f"moe d={moe_d} (E=1 = dense)"] = ([p[0] for p in pts], [p[1] for p in pts])
-        common.plot(f"moe_{name}_{axis}", curves, out_dir=out_dir, xlabel=f"{axis} parameters", ylabel=ylabel,
-                    title=f"{name}: accuracy vs {axis} parameters", logx=True)
+def exp_graph(cfg: Config) -> dict:
+    """Reasoning: accuracy on held-out graphs, dense widths vs MoEs at the smallest width."""
+    train_set, test = graph_split(cfg.graph_train, cfg.graph_test, cfg.graph_nodes, cfg.graph_edges,
+                                  cfg.graph_task, cfg.seed + 1)
+    return train_family(cfg, "graph", train_set["seqs"], train_set["prompt_len"], len(graph_vocab(cfg.graph_nodes)),
+                        lambda model: eval_graph(model, test, cfg.device, cfg.eval_batch))
 
 # -----------------------------------------------------------------------------
 # Run
 
 
-PAPER_PB = {"dense": "on the dense curve by total params", "moe": "rises with E; ~dense of same total"}
-PAPER_GRAPH = {"dense": "rises with width", "moe": "flat in E; = dense of same width"}
+PAPER = {"dense": "rises with size", "moe_pb": "rises with E, toward dense of equal total",
+         "moe_graph": "flat in E, = dense of equal width"}
 
 
-def run(cfg: Config) -> dict:
-    common.set_threads(cfg.threads, cfg.device)
-    device = common.get_device(cfg.device)
-    t_start = time.time()
-    keep = {}
+def run_seed(cfg: Config):
+    common.set_seed(cfg.seed)
+    m, rows = {}, {}
+    stages = common.Stages({"phone-book": 1.0, "graph": 1.0})
+    for task, exp in (("pb", exp_phonebook), ("graph", exp_graph)):
+        with stages("phone-book" if task == "pb" else "graph"):
+            rows[task] = exp(cfg)
+        fam = "phonebook" if task == "pb" else "graph"
+        for n, r in rows[task].items():
+            m[common.mkey(f"{fam}_acc", n)], m[common.mkey(f"{fam}_loss", n)] = r["acc"], r["loss"]
+            m[common.mkey(f"{fam}_params", n, "total")] = r["total"]
+            m[common.mkey(f"{fam}_params", n, "active")] = r["active"]
+            if r["load"] is not None:
+                m[common.mkey(f"{fam}_load", n, "max_over_mean")] = float(r["load"].max()) * r["E"]
+        m.update(gap_closed(rows[task], fam, getattr(cfg, f"{task}_moe_width")))
+        if cfg.seeds == 1:
+            common.save_results(NAME, cfg, m, partial=True)              # an interrupt keeps the finished task
+    return m, rows
 
-    def run_one(c: Config) -> dict:
-        common.set_seed(c.seed)
-        pb, pb_info = run_phonebook(c, device, c.seed)
-        gr, gr_info = run_graph(c, device, c.seed)
-        keep.update(pb=pb, gr=gr, pb_info=pb_info, gr_info=gr_info)
-        m = {}
-        for n, r in pb.items():
-            m[f"phonebook_acc/{n}"], m[f"phonebook_loss/{n}"] = r["acc"], r["loss"]
-        for n, r in gr.items():
-            m[f"graph_acc/{n}"], m[f"graph_loss/{n}"] = r["acc"], r["loss"]
-        for prefix, rows in (("graph", gr), ("phonebook", pb)):  # plain params_*/<model>: the phone-book's
-            for n, r in rows.items():                                 # count where both tasks use the name
-                m[f"params_total/{n}"], m[f"params_active/{n}"] = r["total"], r["active"]
-                m[f"{prefix}_params_total/{n}"], m[f"{prefix}_params_active/{n}"] = r["total"], r["active"]
-                if r["load"] is not None:
-                    m[f"{prefix}_load_max_over_mean/{n}"] = float(r["load"].max()) * r["E"]
-        return m
 
-    metrics = common.over_seeds(cfg, run_one)
-    pb, gr = keep["pb"], keep["gr"]
-    info = keep["gr_info"]
-    report(f"Phone-book (memorization): closed-book recall of {cfg.pb_entries} name -> {cfg.pb_digits}-digit "
-           f"entries, exact match on all training entries (last seed)", pb, PAPER_PB, cfg.pb_moe_width, "recall")
-    chance = "chance 0.5, yes share %.2f" % info["yes_share"] if cfg.graph_task == "2hop" else "held-out graphs"
-    report(f"Graph reasoning ({cfg.graph_task}, |V|={cfg.graph_nodes}, {cfg.graph_edges} edges): exact-match "
-           f"accuracy on {info['test_size']} unseen graphs ({chance})", gr, PAPER_GRAPH, cfg.graph_moe_width, "acc")
-    for line in summary_lines(pb, gr, cfg):
-        common.print0(line)
-    wall = time.time() - t_start
-    history = {"phonebook": {n: {"loss": r["curve"], "load": r["load"]} for n, r in pb.items()},
-               "graph": {n: {"loss": r["curve"], "load": r["load"]} for n, r in gr.items()}, **keep["gr_info"]}
-    common.save_results("moe", cfg, metrics, history, wall)
-    plot_results("phonebook", pb, cfg.out, "phone-book recall", cfg.pb_moe_width)
-    plot_results("graph", gr, cfg.out, f"{cfg.graph_task} test accuracy", cfg.graph_moe_width)
+def report(runs: common.SeedRuns, rows: dict, fam: str, title: str):
+    table = []
+    for n, r in rows.items():
+        paper = PAPER["dense"] if r["E"] == 1 else PAPER[f"moe_{'pb' if fam == 'phonebook' else 'graph'}"]
+        table.append([n, r["d"], r["E"], f"{r['total']:,}", f"{r['active']:,}", runs.cell(f"{fam}_acc/{n}"),
+                      runs.cell(f"{fam}_gap_closed/{n}", 2), paper])
+    common.print_table(table, ["model", "d", "E", "total", "active", "ours: acc", "gap closed", "paper"], title)
+    for n, r in rows.items():
+        if r["load"] is not None:
+            share = " ".join(f"{100 * v:.0f}" for v in r["load"].mean(0).tolist())
+            common.print0(f"  {n}: % of assignments per expert (last 20% of steps): {share}")
+
+
+def run(cfg: Config) -> common.SeedRuns:
+    t0 = time.time()
+    runs = common.over_seeds(cfg, run_seed, NAME)
+    rows = runs.extras[-1]
+    seeds = f"{len(runs.seeds)} seed{'s' if len(runs.seeds) > 1 else ''}"
+    report(runs, rows["pb"], "phonebook", f"Phone-book (memorization): recall of all {cfg.pb_entries} entries "
+           f"({cfg.pb_digits} digits), {seeds}; gap closed: 0 = dense of the MoE's width, 1 = the dense model "
+           "closest in total size to the largest MoE")
+    se = 0.5 / math.sqrt(cfg.graph_test)
+    report(runs, rows["graph"], "graph", f"Graph reasoning ({cfg.graph_task}, |V|={cfg.graph_nodes}, "
+           f"{cfg.graph_edges} edges): accuracy on {cfg.graph_test} held-out graphs (standard error <= {se:.3f} "
+           f"per seed), {seeds}")
+    big = lambda rs: max((n for n, r in rs.items() if r["E"] > 1), key=lambda n: rs[n]["E"], default=None)
+    for fam, task in (("phonebook", "pb"), ("graph", "graph")):
+        if big(rows[task]):
+            common.print0(f"{fam}: {big(rows[task])} closes {runs.cell(common.mkey(f'{fam}_gap_closed', big(rows[task])), 2)}"
+                          " of the gap from the dense model of its width to the dense model of its total size")
+    wall = time.time() - t0
+    info = {f"{task}_models": {n: {"d": r["d"], "E": r["E"]} for n, r in rows[task].items()} for task in rows}
+    history = {task: {n: {"loss": r["curve"], "load": r["load"]} for n, r in rows[task].items()} for task in rows}
+    timings = {f"{task}/{n}": r["seconds"] for task in rows for n, r in rows[task].items()}
+    common.save_results(NAME, cfg, runs, history=history, info=info, timings=timings, wall_time_s=wall)
+    for fam, task in (("phonebook", "pb"), ("graph", "graph")):
+        curves = {}
+        for kind in ("dense", "moe"):
+            pts = sorted((r["total"], runs.mean.get(f"{fam}_acc/{n}", float("nan")), runs.std.get(f"{fam}_acc/{n}", 0.0))
+                         for n, r in rows[task].items() if n.startswith(kind) or (kind == "moe" and r["E"] == 1
+                                                                            and r["d"] == getattr(cfg, f"{task}_moe_width")))
+            if len(pts) > 1:
+                curves[kind if kind == "dense" else f"MoE d={getattr(cfg, f'{task}_moe_width')}"] = tuple(map(list, zip(*pts)))
+        if curves:
+            common.plot(f"moe_{fam}", curves, out_dir=cfg.out, xlabel="total parameters", ylabel="accuracy", logx=True,
+                        title=f"{fam}: accuracy vs total parameters (MoE line starts at E=1)")
     common.print0(f"wall time {wall:.0f} s")
-    return metrics
+    return runs
 
 
 def main():
-    run(common.parse_args(Config, PRESETS))
+    cfg = common.parse_args(Config, PRESETS)
+    with common.session(cfg):
+        run(cfg)
 
 
 if __name__ == "__main__":

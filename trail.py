@@ -1,48 +1,25 @@
 """
-TRAIL: predict each request's remaining output length from the LLM's own hidden states, then schedule
-with shortest-predicted-remaining-first and limited preemption.
+TRAIL: "Don't Stop Me Now: Embedding Based Scheduling for LLMs". Shahout, Malach, Liu, Jiang, Yu,
+Mitzenmacher. ICLR 2025, arXiv 2410.01035. Official code: github.com/harvard-cns/TRAIL-llm-scheduling.
 
-Paper: "Don't Stop Me Now: Embedding Based Scheduling for LLMs", Rana Shahout, Eran Malach, Chunwei Liu,
-       Weifan Jiang, Minlan Yu, Michael Mitzenmacher. ICLR 2025. arXiv 2410.01035.
-Official code: https://github.com/harvard-cns/TRAIL-llm-scheduling (a later re-release as an SGLang patch;
-       the paper's numbers were measured on vLLM 0.5.0 with Llama-3-8B-Instruct on Alpaca).
+Finding: an MLP probe on the serving LLM's own per-token embeddings, refined step by step with Bayesian
+smoothing, predicts remaining output length better than a prompt (BERT) classifier (2.66x lower MAE);
+scheduling by it, shortest predicted remaining first with preemption only while age <= C * initial
+prediction (C = 0.8), cuts mean latency 1.66-2.01x and TTFT 1.76-24x against FCFS.
+Here: a tiny GPT on three tasks whose length is decided at different times, a continuous-batching simulator
+(latency and TTFT vs load over arrival seeds, a C sweep), and the paper's M/G/1 closed form vs simulation.
+Measured (CPU, 1 thread; quick 283 s; --seeds 3 = 3 LM seeds x 3 arrival seeds, 1062 s): MAE 5.46 -> 3.69
+    tokens (1.48x); load 0.95 vs FCFS: latency 1.48x, TTFT 2.82x (oracle 1.53x / 2.81x); refinement helps TTFT
+    only (1.06x).
 
-Finding: a small MLP probe on a middle layer's embedding of the token being decoded, refined step by step
-with Bayesian smoothing, predicts remaining length much better than a BERT classifier on the prompt
-(2.66x lower MAE); scheduling by that prediction with preemption allowed only early in a request's life
-(age <= C * initial prediction, C = 0.8) cuts mean latency 1.66-2.01x and time-to-first-token 1.76-24x
-against vLLM's FCFS. The paper also gives an M/G/1 closed form for this "SPRPT with limited preemption".
-(These paper numbers are quoted from the paper's abstract and a detailed summary; the PDF body was not
-available to check them.)
-
-Here the serving LLM is a tiny GPT trained in the script on three tasks whose output length is decided at
-different times (by the prompt, at the first decode step, gradually), sampled at temperature 1. The quick
-preset prints: the per-layer probe MAE (Fig. 2 analogue); remaining-length MAE per decode step for
-prompt-only / probe / probe+Bayes / prompt-prior+probe+Bayes, per task; an iteration-level serving
-simulation (continuous batching, batch cap, KV-token budget) of FCFS, SJF, TRAIL and oracles at load 0.8
-and 0.95; and the M/G/1 closed form beside an event-driven simulation.
-
-Run:
-    python trail.py --preset smoke          # seconds; what pytest runs
-    python trail.py                         # quick preset on CPU (a few minutes on one thread)
-    python trail.py --device cuda           # full preset (one GPU, < 1 h; not measured by us)
-    python trail.py --cutoff 0.5 --loads 0.9,0.95   # any Config field is a flag
-
-Glossary (ours -> paper):
-    L                 output length in tokens, EOS included (the request's size x)
-    g                 tokens generated so far (age a)
-    r0                initial predicted length (r); pred[g] = predicted remaining length at step g
-    cutoff / C        limited-preemption threshold: preemptible while g <= C * max(r0, 1) (paper: C = 0.8)
-    probe             TRAIL's MLP predictor (Linear(4096,512)-ReLU-Linear(512,10) on Llama-3 layer 11)
-    prompt_only       the BERT / DistilBERT prompt classifier analogue (mean-pooled prompt states)
-    bayes             the repo's smooth_probs: posterior <- normalise((posterior @ T) * p_probe)
-    load              arrival rate / capacity, capacity = max_batch / (c0 + c_dec * max_batch) / E[L]
-
-Does not include: a real LLM, vLLM/SGLang, GPU memory paging (KV is a token budget), chunked prefill, the
-prediction cost (the paper's probe costs ~0.03% of the model's FLOPs), the paper's Appendix E Markov model,
-the burst experiment, and median metrics. The M/G/1 theorem is re-derived from SOAP (Scully et al. 2018)
-because only the paper's opening was available; it is checked against simulation, not against the paper's
-typesetting.
+Run:  python trail.py --preset smoke     |  python trail.py (quick, CPU)  |  python trail.py --device cuda (full)
+      torchrun --standalone --nproc_per_node=2 trail.py --preset smoke --device cpu
+Glossary (ours -> paper): L -> request size x; g -> age a; r0 -> initial prediction r; pred[g] -> refined
+    remaining-length estimate; cutoff C -> C; probe -> TrailMLP on layer 11; prompt_only -> the BERT classifier
+    (TRAIL-BERT when scheduled); bayes -> smooth_probs; load -> arrival rate / full-batch capacity.
+Does not include: a real LLM, vLLM/SGLang, paged GPU memory, chunked prefill (KV is a token budget), the
+    predictor's cost, the Appendix E Markov model, the burst experiment, median metrics. The M/G/1 theorem is
+    re-derived from SOAP (Scully et al. 2018): only the paper's opening was available.
 """
 from __future__ import annotations
 
@@ -58,105 +35,131 @@ import torch.nn.functional as F
 
 import common
 
-# -----------------------------------------------------------------------------
-# Config
-
+NAME = "trail"
 PAD, BOS, SEP, EOS, WALK, COUNT, LIST, NUM0 = 0, 1, 2, 3, 4, 5, 6, 7
 TASKS = ("walk", "count", "list")   # task id 0, 1, 2 -> token WALK, COUNT, LIST
 P = 5                                # prompt length: [BOS, TASK, x, stop, SEP]
 POLICIES = ("fcfs", "sjf", "trail_prompt", "sprpt", "trail", "srpt_oracle", "trail_oracle")
+PREDICTORS = ("prompt_only", "probe", "probe_bayes", "prompt_probe_bayes")
+
+# -----------------------------------------------------------------------------
+# Config
 
 
 @dataclass
 class Config(common.BaseConfig):
     # task and tiny LM
-    max_out: int = 64           # MAXOUT: most output tokens per request, EOS included
-    n_max: int = 60             # COUNT's n and LIST's b are drawn from 1..n_max
-    walk_b_min: int = 4         # WALK's boundary B ~ U{walk_b_min..walk_b_max}
-    walk_b_max: int = 12
+    max_out: int = 64           # MAXOUT: most output tokens per request, EOS included (>= 8)
+    n_max: int = 60             # COUNT's n and LIST's b are drawn from 1..n_max (n_max < max_out)
+    walk_b_min: int = 4         # WALK's boundary B ~ U{walk_b_min..walk_b_max} (2 <= min <= max)
+    walk_b_max: int = 12        # largest WALK boundary
     n_layer: int = 3            # LM depth (the layer sweep covers 0..n_layer, 0 = embedding output)
-    n_head: int = 4
-    n_embd: int = 48
+    n_head: int = 4             # LM attention heads (must divide n_embd)
+    n_embd: int = 48            # LM width
     lm_steps: int = 1000        # LM training steps
-    lm_batch: int = 32
-    lm_lr: float = 3e-3         # AdamW, warmup then cosine
-    lm_warmup: int = 50
-    temperature: float = 1.0    # sampling temperature (1: lengths are random given the prompt)
+    lm_batch: int = 32          # LM global batch (sequences; torchrun splits it)
+    lm_lr: float = 3e-3         # AdamW peak learning rate, warmup then cosine
+    lm_warmup: int = 50         # LM warmup steps
+    weight_decay: float = 0.1   # LM AdamW weight decay (matrices only)
+    grad_clip: float = 1.0      # LM gradient-norm clip
+    log_every: int = 50         # LM steps between logged losses
+    temperature: float = 1.0    # sampling temperature (> 0: lengths are random given the prompt)
     # requests and predictors
     n_requests: int = 2000      # requests generated by the LM (prompt + sampled output + hidden states)
-    holdout: float = 0.2        # fraction held out: predictor test set and the serving trace (split by request)
+    val_frac: float = 0.1       # fraction of requests for validation: the layer and the probes' epochs
+    test_frac: float = 0.2      # fraction held out for test: reported MAE and the serving traces
     gen_batch: int = 500        # requests per generation / feature-extraction chunk
     n_bins: int = 10            # k equal-width bins over [0, max_out] (paper: 10 bins over [0, 512])
     sweep_requests: int = 0     # training requests used by the layer sweep (0 = all)
     sweep_hidden: int = 128     # probe hidden size during the layer sweep
-    sweep_epochs: int = 8
+    sweep_epochs: int = 8       # probe epochs during the layer sweep
     probe_hidden: int = 256     # final probe hidden size (paper: 512 for d = 4096)
-    probe_epochs: int = 30      # paper: 30 epochs, cosine to 0
-    probe_batch: int = 256
-    probe_lr: float = 3e-3
+    probe_epochs: int = 30      # final probe epochs, cosine to 0; the best validation epoch is kept
+    probe_batch: int = 256      # probe global batch (decode steps; torchrun splits it)
+    probe_lr: float = 3e-3      # probe and prompt-only AdamW learning rate
     prompt_hidden: int = 64     # prompt-only predictor (BERT analogue) hidden size
-    prompt_epochs: int = 300
-    prompt_batch: int = 64
+    prompt_epochs: int = 300    # prompt-only epochs (one example per request); best validation epoch kept
+    prompt_batch: int = 64      # prompt-only global batch (requests)
     # serving simulation (times in "ms")
-    sim_requests: int = 3000    # Poisson arrivals, sampled with replacement from held-out requests
-    loads: tuple[float, ...] = (0.8, 0.95)   # arrival rate relative to capacity
-    policies: tuple[str, ...] = POLICIES      # subset of POLICIES to simulate
-    c_sweep: tuple[float, ...] = (0.2, 0.5, 1.0)  # extra TRAIL cutoffs (printed as trail_C<c>)
+    loads: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)   # arrival rate / capacity, each in (0, 1)
+    sim_requests: int = 300_000  # requests per trace at the top load; load l gets
+    #   sim_requests * ((1 - top) / (1 - l))^2, at least sim_min (a queue's relaxation time grows so)
+    sim_min: int = 3000         # shortest trace
+    arrival_seeds: int = 3      # Poisson arrival seeds per load (each point: mean +- std over them)
+    policies: tuple[str, ...] = ("fcfs", "trail_prompt", "trail", "srpt_oracle")  # from POLICIES
     cutoff: float = 0.8         # C for trail / trail_prompt / trail_oracle (paper: 0.8; repo default 0)
-    max_batch: int = 8          # batch cap
-    kv_budget: int = 256        # KV-cache tokens (prompt + generated of every resident request)
+    c_sweep: tuple[float, ...] = (0.0, 0.2, 0.5, 0.8, 1.0)  # TRAIL cutoffs swept (SPRPT, C = inf, added)
+    c_sweep_load: float = 0.9   # load of the C sweep (unlimited KV: peak KV is what the schedule needs)
+    max_batch: int = 8          # batch cap (requests per iteration)
+    kv_budget: int = 0          # KV-cache tokens; 0 = max_batch * (P + max_out): a full batch always fits
+    #   and only preempted requests' KV is ever evicted (then recomputed)
     c0: float = 5.0             # iteration cost: c0 + c_dec * batch + c_pre * prefill tokens
-    c_dec: float = 0.25
-    c_pre: float = 0.05
-    # M/G/1 check: Exp(1) sizes; perfect predictions at lam_perfect, R ~ Exp(mean X) at lam_noisy
-    mg1_jobs: int = 1_600_000   # at lam 0.8 the simulated mean still moves ~0.5% between sample paths
-    mg1_cs: tuple[float, ...] = (0.2, 0.5, 0.8, 1.0)
-    mg1_lam_perfect: float = 0.5
-    mg1_lam_noisy: float = 0.8
+    c_dec: float = 0.25         # per-request decode cost in an iteration
+    c_pre: float = 0.05         # per prefill token (prompt, or prompt + generated after an eviction)
+    # M/G/1 check: Exp(1) sizes; perfect predictions at mg1_lam_perfect, R ~ Exp(mean X) at mg1_lam_noisy
+    mg1_jobs: int = 1_600_000   # jobs per sample path (at lam 0.8 the mean still moves ~0.5 pct between paths)
+    mg1_cs: tuple[float, ...] = (0.2, 0.5, 0.8, 1.0)  # cutoffs checked
+    mg1_lam_perfect: float = 0.5  # arrival rate with perfect predictions (< 1)
+    mg1_lam_noisy: float = 0.8  # arrival rate with noisy predictions (< 1)
     mg1_grid: int = 200         # r-grid for the closed form's waiting term
+
+    POSITIVE = ("max_out", "n_max", "walk_b_min", "walk_b_max", "n_layer", "n_head", "n_embd", "lm_steps",
+                "log_every", "temperature", "n_requests", "val_frac", "test_frac", "gen_batch", "n_bins",
+                "sweep_hidden", "sweep_epochs", "probe_hidden", "probe_epochs", "prompt_hidden", "prompt_epochs",
+                "loads", "sim_requests", "sim_min", "arrival_seeds", "c_sweep_load", "max_batch", "c0",
+                "mg1_jobs", "mg1_lam_perfect", "mg1_lam_noisy", "mg1_grid")
+    MAY_BE_EMPTY = ("c_sweep",)
+    GLOBAL_BATCH = ("lm_batch", "probe_batch", "prompt_batch")
 
     def __post_init__(self):
         if self.max_out < 8 or self.n_max + 1 > self.max_out:
-            raise ValueError(f"need 8 <= max_out and n_max + 1 <= max_out (got {self.max_out}, {self.n_max})")
+            raise ValueError(f"need --max-out >= 8 and --n-max < --max-out (got {self.max_out}, {self.n_max})")
         if not 2 <= self.walk_b_min <= self.walk_b_max:
-            raise ValueError("need 2 <= walk_b_min <= walk_b_max")
-        if not 0.0 < self.holdout < 1.0 or self.n_requests < 20:
-            raise ValueError("need 0 < holdout < 1 and n_requests >= 20")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (lengths must be random)")
+            raise ValueError("need 2 <= --walk-b-min <= --walk-b-max")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_bins < 2 or self.max_batch < 1:
-            raise ValueError("need n_bins >= 2 and max_batch >= 1")
-        if self.kv_budget < P + self.max_out:
-            raise ValueError(f"kv_budget must hold one full request: >= {P + self.max_out}")
-        if any(not 0.0 < x < 1.0 for x in self.loads):
-            raise ValueError("loads must be in (0, 1)")
+            raise ValueError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
+        n_val, n_test = split_sizes(self.n_requests, self.val_frac, self.test_frac)
+        if self.n_requests - n_val - n_test < 10:
+            raise ValueError(f"--n-requests {self.n_requests} leaves < 10 training requests after "
+                             f"{n_val} validation and {n_test} test requests (--val-frac, --test-frac)")
+        if self.n_bins < 2:
+            raise ValueError("need --n-bins >= 2")
+        if self.kv_budget and self.kv_budget < P + self.max_out:
+            raise ValueError(f"--kv-budget must hold one full request: >= {P + self.max_out} (or 0)")
+        if any(not 0.0 < x < 1.0 for x in self.loads + (self.c_sweep_load,)):
+            raise ValueError("--loads and --c-sweep-load must be in (0, 1)")
         bad = [p for p in self.policies if p not in POLICIES]
         if bad or "fcfs" not in self.policies:
-            raise ValueError(f"policies must include fcfs and come from {','.join(POLICIES)} (got {bad})")
-        if self.cutoff < 0 or any(c < 0 for c in self.c_sweep + self.mg1_cs):
-            raise ValueError("cutoffs must be >= 0")
+            raise ValueError(f"--policies must include fcfs and come from {','.join(POLICIES)} (got {bad})")
         if max(self.mg1_lam_perfect, self.mg1_lam_noisy) >= 1.0:
-            raise ValueError("M/G/1 arrival rates must be < 1 (Exp(1) sizes)")
+            raise ValueError("--mg1-lam-perfect and --mg1-lam-noisy must be < 1 (Exp(1) sizes)")
 
     @property
     def vocab_size(self):
         return NUM0 + max(self.n_max, self.walk_b_max) + 1
 
+    @property
+    def kv_tokens(self):
+        return self.kv_budget or self.max_batch * (P + self.max_out)
+
 
 PRESETS = {
     "smoke": dict(n_layer=2, n_embd=32, lm_steps=60, n_requests=200, gen_batch=200, sweep_epochs=2,
-                  sweep_hidden=32, probe_hidden=64, probe_epochs=3, prompt_epochs=20, sim_requests=400,
-                  policies=("fcfs", "trail", "srpt_oracle"), c_sweep=(), mg1_jobs=40_000, mg1_cs=(0.5, 1.0),
-                  mg1_grid=100),
+                  sweep_hidden=32, probe_hidden=64, probe_epochs=3, prompt_epochs=20, loads=(0.8, 0.95),
+                  sim_requests=2000, sim_min=500, arrival_seeds=2, policies=("fcfs", "trail", "srpt_oracle"),
+                  c_sweep=(0.0,), mg1_jobs=40_000, mg1_cs=(0.2, 1.0), mg1_grid=100),
     "quick": {},
     "full": dict(max_out=256, n_max=250, walk_b_min=4, walk_b_max=24, n_layer=8, n_head=8, n_embd=256,
-                 lm_steps=20_000, lm_batch=128, lm_warmup=500, lm_lr=1e-3, n_requests=20_000, holdout=0.1,
-                 gen_batch=2000, sweep_requests=4000, sweep_hidden=256, probe_hidden=512, probe_batch=1024,
-                 prompt_hidden=128, prompt_epochs=100, prompt_batch=256, sim_requests=10_000, max_batch=32,
-                 kv_budget=2560, mg1_jobs=3_000_000),
+                 lm_steps=10_000, lm_batch=128, lm_warmup=500, lm_lr=1e-3, n_requests=20_000, val_frac=0.05,
+                 test_frac=0.1, gen_batch=2000, sweep_requests=4000, sweep_hidden=256, probe_hidden=512,
+                 probe_batch=1024, prompt_hidden=128, prompt_epochs=100, prompt_batch=256, max_batch=16,
+                 sim_requests=150_000, sim_min=2000),
 }
+
+
+def split_sizes(n, val_frac, test_frac):
+    """(validation, test) request counts, at least 10 each."""
+    return max(10, round(val_frac * n)), max(10, round(test_frac * n))
 
 # -----------------------------------------------------------------------------
 # Data: three tasks whose length is decided at different times
@@ -190,17 +193,25 @@ def make_requests(n, cfg, gen):
     return prompts, out, k + 1, task
 
 
-def lm_batch(cfg, gen, device):
-    """Training pair for the LM: next-token targets on output tokens only (prompt and PAD masked)."""
-    prompts, out, _, _ = make_requests(cfg.lm_batch, cfg, gen)
+def lm_training_batch(n, cfg, gen, device):
+    """LM training pair: next-token targets on output tokens only (prompt and PAD masked with -100)."""
+    prompts, out, _, _ = make_requests(n, cfg, gen)
     seq = torch.cat([prompts, out], 1)
     x, y = seq[:, :-1].clone(), seq[:, 1:].clone()
     y[:, :P - 1] = -100
     y[y == PAD] = -100
     return x.to(device), y.to(device)
 
+
+def split_requests(n, val_frac, test_frac, seed):
+    """Disjoint (train, validation, test) request indices, split by request as the repo does: training
+    fits the probes, validation picks the layer and the epochs, test is only ever reported."""
+    n_val, n_test = split_sizes(n, val_frac, test_frac)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val + n_test:], perm[n_test:n_test + n_val], perm[:n_test]
+
 # -----------------------------------------------------------------------------
-# The LM side: KV-cached sampling and per-layer hidden states
+# Model: the LM's KV-cached sampling and hidden states; TRAIL's length probe and Bayesian smoothing
 
 
 @torch.no_grad()
@@ -257,9 +268,6 @@ def step_targets(lengths):
     t = torch.arange(int(lengths.sum()), device=lengths.device) - start[req]
     return req, t, lengths[req] - t
 
-# -----------------------------------------------------------------------------
-# TRAIL's predictor: bins, MLP probe, Bayesian smoothing
-
 
 def bin_edges(max_out, k):
     """Bin width and midpoints of k equal-width bins over [0, max_out]."""
@@ -288,27 +296,6 @@ class LengthProbe(nn.Module):
 
     def forward(self, h):                               # h (N, d) -> logits (N, k)
         return self.net((h - self.mu) / self.sd)
-
-
-def train_probe(X, y, hidden, k, epochs, batch, lr, seed):
-    """Cross-entropy over bins, AdamW with cosine annealing to 0 (paper: 30 epochs, lr 0.01, batch 32)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    probe = LengthProbe(X.shape[1], hidden, k, X.mean(0), X.std(0) + 1e-5).to(X.device)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
-    n = len(X)
-    total = epochs * math.ceil(n / batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total))
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g).to(X.device)
-        for i in range(0, n, batch):
-            idx = perm[i:i + batch]
-            loss = F.cross_entropy(probe(X[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return probe.eval()
 
 
 @torch.no_grad()
@@ -345,7 +332,81 @@ def bayes_smooth(probs, T, prior=None):
     return torch.stack(out, 1)
 
 # -----------------------------------------------------------------------------
-# M/G/1 theory: SOAP rank r - a while a < C r, then non-preemptible
+# Training: the LM, then the length probes (both data-parallel under torchrun)
+
+
+def train_lm(cfg, device):
+    """Next-token cross-entropy on output tokens; AdamW, warmup + cosine; the global batch is split over
+    torchrun ranks (token-weighted loss, so the result does not depend on the number of processes)."""
+    model = common.GPT(common.GPTConfig(vocab_size=cfg.vocab_size, block_size=P + cfg.max_out,
+                                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
+    opt = common.configure_adamw(model, cfg.lm_lr, cfg.weight_decay)
+    fwd = common.wrap_ddp(model, device)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    hist, t0 = {"step": [], "loss": []}, time.time()
+    bar = common.progress(range(cfg.lm_steps), "lm")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = common.lr_at(step, cfg.lm_steps, cfg.lm_lr, cfg.lm_warmup)
+        x, y = common.shard(*lm_training_batch(cfg.lm_batch, cfg, gen, device))  # this rank's rows
+        with common.autocast(device):
+            loss = common.token_mean(*common.cross_entropy_sum(fwd(x)[0], y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.lm_steps - 1:
+            hist["step"].append(step)
+            hist["loss"].append(common.global_mean(loss))
+            bar.set_postfix_str(common.step_log(step + 1, cfg.lm_steps, t0, loss=hist["loss"][-1]))
+    return model.eval(), hist
+
+
+def train_probe(X, y, hidden, k, epochs, batch, lr, seed, val_mae=None, desc="probe"):
+    """Cross-entropy over the k length bins; AdamW, cosine to 0 (paper: 30 epochs, lr 0.01, batch 32).
+
+    val_mae(probe) -> validation MAE after each epoch; the best epoch's weights are kept (the repo keeps its
+    best validation epoch, selection.json). Every rank computes it on the same data, so all keep the same one."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    probe = LengthProbe(X.shape[1], hidden, k, X.mean(0), X.std(0) + 1e-5).to(X.device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
+    fwd = common.wrap_ddp(probe, X.device)
+    n, per_epoch = len(X), math.ceil(len(X) / batch)
+    best = {"mae": math.inf, "epoch": epochs, "state": None}
+    bar = common.progress(range(epochs), desc)
+    for epoch in bar:
+        perm = torch.randperm(n, generator=g).to(X.device)
+        for i in range(per_epoch):
+            for group in opt.param_groups:
+                group["lr"] = common.lr_at(epoch * per_epoch + i, epochs * per_epoch, lr, 0, min_frac=0.0)
+            idx = common.shard(perm[i * batch:(i + 1) * batch])                     # this rank's rows
+            loss = common.token_mean(F.cross_entropy(fwd(X[idx]), y[idx], reduction="sum"), len(idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if val_mae is not None:
+            mae = val_mae(probe.eval())
+            probe.train()
+            if mae < best["mae"]:
+                best = {"mae": mae, "epoch": epoch + 1, "state": {k_: v.clone() for k_, v in probe.state_dict().items()}}
+            bar.set_postfix_str(f"loss {loss.item():.3f} | val MAE {mae:.2f} | best {best['mae']:.2f} @ {best['epoch']}")
+    if best["state"] is not None:
+        probe.load_state_dict(best["state"])
+    return probe.eval(), best["epoch"]
+
+# -----------------------------------------------------------------------------
+# Evaluation: remaining-length MAE; M/G/1 theory (SOAP rank r - a while a < C r, then non-preemptible)
+
+
+def capped_estimate(est, t, max_out):
+    """The repo's clamp of a remaining-length estimate to [0, max_new_tokens - generated]."""
+    return torch.minimum(est.clamp(min=0), (max_out - t).float())
+
+
+def remaining_mae(est, rem):
+    return float((est - rem).abs().float().mean())
 
 
 def simulate_mg1(x, r, arrivals, C=1.0, policy="soap"):
@@ -459,241 +520,155 @@ def trail_key(g, r0, rem, C, j):
     return (1, rem, j) if trail_preemptible(g, r0, C) else (0, 0.0, j)
 
 
-def simulate_serving(arr, L, policy="soap", r0=None, pred=None, C=math.inf, max_batch=8, kv_budget=256,
+def simulate_serving(arr, L, policy="soap", r0=None, pred=None, C=math.inf, max_batch=8, kv_budget=math.inf,
                      prompt_len=P, c0=5.0, c_dec=0.25, c_pre=0.05, record=False):
     """Iteration-level continuous batching. Returns per-request latency / ttft arrays and counters.
 
-    arr (n,) sorted arrival times; L (n,) output lengths; policy: fcfs | sjf | soap. soap ranks by pred[j][g]
-    (predicted remaining after g tokens) with cutoff C on r0[j] (initial prediction). Each iteration:
-    rank the arrived requests; fill the batch in rank order up to max_batch and kv_budget tokens (a request
-    whose KV was evicted recomputes prompt + generated tokens; to make room, evict the lowest-ranked resident
+    arr (n,) sorted arrival times; L (n,) output lengths; policy: fcfs (arrival order) | sjf (started first,
+    then shortest r0) | soap (rank pred[j][g], predicted remaining after g tokens, pinned past g > C r0[j]).
+    Each iteration: take arrived requests in rank order up to max_batch and kv_budget tokens (a request whose
+    KV was evicted recomputes prompt + generated tokens; to make room, evict the lowest-ranked resident
     request outside the batch); requests left out keep their KV (preempted); time advances by
-    c0 + c_dec * batch + c_pre * prefill tokens; every batched request emits one token."""
+    c0 + c_dec * batch + c_pre * prefill tokens; every batched request emits one token.
+    A request's rank changes only when it emits a token, so the waiting requests sit in one heap."""
     n = len(arr)
     arr, L = [float(a) for a in arr], [int(v) for v in L]
-    if policy != "fcfs":
-        r0 = [float(v) for v in r0]
-    if policy == "soap":
-        pred = [list(map(float, p)) for p in pred]
-    g, resident, kvj = [0] * n, [False] * n, [0] * n
-    first, finish = [math.nan] * n, [math.nan] * n
-    active, prev, nxt = [], set(), 0
-    t = area = 0.0
-    kv = preempt = evict = peak = 0
-    log = {"kv": [], "batch": [], "emitted": [0] * n, "order": []}
+    g, kvj, first, finish = [0] * n, [0] * n, [math.nan] * n, [math.nan] * n
     if policy == "fcfs":
-        key = lambda j: (j not in prev, j)                  # running first, then arrival
+        key = lambda j: (0, 0.0, j)
     elif policy == "sjf":
-        key = lambda j: (0, 0.0, j) if g[j] > 0 else (1, r0[j], j)   # started first, then shortest r0
+        key = lambda j: (0, 0.0, j) if g[j] else (1, float(r0[j]), j)
     elif policy == "soap":
         key = lambda j: trail_key(g[j], r0[j], pred[j][g[j]], C, j)
     else:
         raise ValueError(f"unknown policy {policy}")
-    while nxt < n or active:
-        if not active and arr[nxt] > t:
-            t = arr[nxt]                                   # idle: jump to the next arrival
+    heap, resident, prev = [], set(), set()
+    nxt = n_active = kv = preempt = evict = peak = 0
+    t = area = kv_area = 0.0
+    log = {"kv": [], "batch": [], "emitted": [0] * n, "order": []}
+    while nxt < n or n_active:
+        if not n_active and arr[nxt] > t:
+            t = arr[nxt]                                       # idle: jump to the next arrival
         while nxt < n and arr[nxt] <= t:
-            area += t - arr[nxt]                           # time spent in system before this iteration
-            active.append(nxt)
+            area += t - arr[nxt]                               # time in system before this iteration
+            heapq.heappush(heap, (key(nxt), nxt))
+            n_active += 1
             nxt += 1
-        order = sorted(active, key=key)
         batch, prefill = [], 0
-        for pos, j in enumerate(order):
-            if len(batch) == max_batch:
-                break
-            need = 1 if resident[j] else prompt_len + g[j] + 1
-            if kv + need > kv_budget:
-                lower = [v for v in order[pos + 1:] if resident[v]]
+        while heap and len(batch) < max_batch:
+            j = heap[0][1]
+            need = 1 if j in resident else prompt_len + g[j] + 1
+            if kv + need > kv_budget:                          # evict lower-ranked resident requests
+                lower = [v for v in resident if v != j and v not in batch]
                 if kv - sum(kvj[v] for v in lower) + need > kv_budget:
-                    break                                  # cannot fit even after evicting all lower ranks
-                for v in reversed(lower):                  # evict lowest ranks first
-                    resident[v], kv, kvj[v] = False, kv - kvj[v], 0
-                    evict += 1
+                    break                                      # cannot fit even after evicting them all
+                for v in sorted(lower, key=key, reverse=True):  # lowest rank first
+                    resident.discard(v)
+                    kv, kvj[v], evict = kv - kvj[v], 0, evict + 1
                     if kv + need <= kv_budget:
                         break
-            if not resident[j]:
+            heapq.heappop(heap)
+            if j not in resident:
                 prefill += prompt_len + g[j]
-                resident[j] = True
-            kv += need
-            kvj[j] += need
+                resident.add(j)
+            kv, kvj[j] = kv + need, kvj[j] + need
             batch.append(j)
         if not batch:
             raise ValueError("a request does not fit in kv_budget (need kv_budget >= prompt + output tokens)")
         peak = max(peak, kv)
-        in_batch = set(batch)
-        preempt += sum(1 for j in prev if j not in in_batch)
+        preempt += len(prev.difference(batch))
         if record:
             log["kv"].append(kv)
             log["batch"].append(len(batch))
         dt = c0 + c_dec * len(batch) + c_pre * prefill
-        area += len(active) * dt
-        t += dt
+        area, kv_area, t = area + n_active * dt, kv_area + kv * dt, t + dt
+        prev = set()
         for j in batch:
             g[j] += 1
             log["emitted"][j] += 1
             if g[j] == 1:
                 first[j] = t
             if g[j] == L[j]:
-                finish[j] = t
-                resident[j], kv, kvj[j] = False, kv - kvj[j], 0
-                if record:
-                    log["order"].append(j)
-        active = [j for j in active if g[j] < L[j]]
-        prev = {j for j in batch if g[j] < L[j]}
+                finish[j], n_active = t, n_active - 1
+                resident.discard(j)
+                kv, kvj[j] = kv - kvj[j], 0
+                log["order"].append(j)
+            else:
+                heapq.heappush(heap, (key(j), j))
+                prev.add(j)
     arr_np = np.array(arr)
     out = {"latency": np.array(finish) - arr_np, "ttft": np.array(first) - arr_np, "preemptions": preempt,
-           "evictions": evict, "peak_kv": peak, "area": area, "t_end": t}
+           "evictions": evict, "peak_kv": peak, "mean_kv": kv_area / t, "area": area, "t_end": t}
     if record:
         out["log"] = log
     return out
 
 
-def policy_inputs(name, trace, cutoff):
-    """(policy kind, r0, pred, C) for a named policy on a trace dict with L, r0_prompt, pred_refined."""
-    L = trace["L"]
-    steps = np.arange(trace["pred_refined"].shape[1])[None]
+def make_trace(L, r0, pred, max_out):
+    """Held-out requests for the simulator: lengths L, prompt-only estimate r0, refined per-step estimates
+    pred[i][g], and two countdowns: the prompt estimate's max(r0 - g, 0) (TRAIL-BERT) and the truth L - g."""
+    return {"L": [int(v) for v in L], "r0_prompt": [float(v) for v in r0], "pred_refined": [list(map(float, p)) for p in pred],
+            "countdown_prompt": [[max(r - g, 0.0) for g in range(max_out)] for r in map(float, r0)],
+            "countdown_true": [[float(max(v - g, 0)) for g in range(max_out)] for v in map(int, L)]}
+
+
+def policy_inputs(name, trace, rows, cutoff):
+    """(policy kind, r0, pred, C) of a named policy for the trace's requests `rows` (with repeats).
+
+    trace: per held-out request L, r0_prompt and pred_refined (lists of per-step estimates)."""
+    L, r0p, ref = trace["L"], trace["r0_prompt"], trace["pred_refined"]
     if name == "fcfs":
         return "fcfs", None, None, math.inf
     if name == "sjf":
-        return "sjf", trace["r0_prompt"], None, math.inf
-    if name == "trail_prompt":
-        return "soap", trace["r0_prompt"], np.maximum(trace["r0_prompt"][:, None] - steps, 0), cutoff
-    if name.startswith("srpt_oracle") or name.startswith("trail_oracle"):
-        C = math.inf if name.startswith("srpt") else cutoff
-        return "soap", L.astype(float), np.maximum(L[:, None] - steps, 0).astype(float), C
-    C = {"sprpt": math.inf, "trail": cutoff}.get(name)
-    if C is None:                                  # trail_C<c>
-        C = float(name.split("_C")[1])
-    return "soap", trace["pred_refined"][:, 0], trace["pred_refined"], C
+        return "sjf", [r0p[i] for i in rows], None, math.inf
+    if name == "trail_prompt":                     # TRAIL-BERT: the prompt estimate counted down
+        return "soap", [r0p[i] for i in rows], [trace["countdown_prompt"][i] for i in rows], cutoff
+    if name in ("srpt_oracle", "trail_oracle"):    # TRAIL+: the true remaining length
+        C = math.inf if name == "srpt_oracle" else cutoff
+        return "soap", [float(L[i]) for i in rows], [trace["countdown_true"][i] for i in rows], C
+    C = {"sprpt": math.inf, "trail": cutoff}[name] if name in ("sprpt", "trail") else float(name.split("_C")[1])
+    return "soap", [ref[i][0] for i in rows], [ref[i] for i in rows], C
+
+
+def make_arrivals(trace, n, load, cfg, seed):
+    """n Poisson arrivals at `load` x capacity; requests drawn with replacement from the held-out trace.
+
+    Capacity (requests per ms) is a full batch's: each request costs E[L] (c0 / B + c_dec) + c_pre P."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(trace["L"]), n)
+    cap = 1.0 / (float(np.mean(trace["L"])) * (cfg.c0 / cfg.max_batch + cfg.c_dec) + cfg.c_pre * P)
+    return np.cumsum(rng.exponential(1.0, n)) / (load * cap), rows
+
+
+def trace_length(cfg, load):
+    """Requests per trace: the relaxation time of a queue grows like 1 / (1 - load)^2."""
+    return max(cfg.sim_min, round(cfg.sim_requests * ((1 - max(cfg.loads)) / (1 - load)) ** 2))
+
+
+def serve(cfg, trace, name, load, seed, kv_budget, cutoff=None):
+    """One policy on one arrival seed: mean latency / TTFT, their first- and second-half means, counters."""
+    arr, rows = make_arrivals(trace, trace_length(cfg, load), load, cfg, seed)
+    kind, r0, pred, C = policy_inputs(name, trace, rows, cfg.cutoff if cutoff is None else cutoff)
+    s = simulate_serving(arr, [trace["L"][i] for i in rows], kind, r0, pred, C, cfg.max_batch, kv_budget, P,
+                         cfg.c0, cfg.c_dec, cfg.c_pre)
+    h = len(arr) // 2
+    return {"latency": s["latency"].mean(), "ttft": s["ttft"].mean(), "p99": np.percentile(s["latency"], 99),
+            "half1": s["latency"][:h].mean(), "half2": s["latency"][h:].mean(), "preemptions": s["preemptions"],
+            "evictions": s["evictions"], "peak_kv": s["peak_kv"], "mean_kv": s["mean_kv"]}
+
 
 # -----------------------------------------------------------------------------
-# Experiment
+# Experiments
 
 
-def train_lm(cfg, device):
-    gcfg = common.GPTConfig(vocab_size=cfg.vocab_size, block_size=P + cfg.max_out, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, n_embd=cfg.n_embd, pos="learned")
-    model = common.GPT(gcfg).to(device)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    hist = common.train(model, lambda step: lm_batch(cfg, gen, device), steps=cfg.lm_steps, lr=cfg.lm_lr,
-                        device=device, warmup=cfg.lm_warmup, desc="lm", log_every=50,
-                        compile=cfg.compile)
-    return model.eval(), hist
-
-
-def length_predictors(cfg, model, prompts, outs, lengths, task, train_idx, test_idx, device):
-    """Layer sweep, final probe, prompt-only predictor, Bayes smoothing -> MAE table and serving trace."""
-    k, M = cfg.n_bins, cfg.max_out
-    width, mids = bin_edges(M, k)
-    mids = mids.to(device)
-    sub = lambda idx: (prompts[idx], outs[idx], lengths[idx])
-
-    def pairs(idx, layer):
-        steps, prompt = hidden_features(model, *sub(idx), layer, cfg.gen_batch)
-        req, t, rem = step_targets(lengths[idx])
-        return steps, prompt, req, t, rem
-
-    def raw_mae(probe, X, t, rem):
-        est = torch.minimum(expect(probe_probs(probe, X), mids), (M - t).float())
-        return float((est - rem).abs().mean())
-
-    sweep_idx = train_idx[:cfg.sweep_requests] if cfg.sweep_requests else train_idx
-    sweep = []
-    for layer in range(cfg.n_layer + 1):                       # paper Fig. 2: probe MAE against layer
-        Xtr, _, _, _, rtr = pairs(sweep_idx, layer)
-        Xte, _, _, tte, rte = pairs(test_idx, layer)
-        probe = train_probe(Xtr, to_bin(rtr, M, k), cfg.sweep_hidden, k, cfg.sweep_epochs, cfg.probe_batch,
-                            cfg.probe_lr, cfg.seed)
-        sweep.append(raw_mae(probe, Xte, tte, rte))
-        common.print0(f"layer sweep: layer {layer} | probe MAE {sweep[-1]:.2f}")
-    best = int(np.argmin(sweep))
-
-    Xtr, Ptr, _, _, rtr = pairs(train_idx, best)
-    Xte, Pte, req, t, rem = pairs(test_idx, best)
-    probe = train_probe(Xtr, to_bin(rtr, M, k), cfg.probe_hidden, k, cfg.probe_epochs, cfg.probe_batch,
-                        cfg.probe_lr, cfg.seed)
-    prompt_probe = train_probe(Ptr, to_bin(lengths[train_idx], M, k), cfg.prompt_hidden, k, cfg.prompt_epochs,
-                               cfg.prompt_batch, cfg.probe_lr, cfg.seed)
-    n_te = len(test_idx)
-    p_prompt = probe_probs(prompt_probe, Pte)                                  # (n_te, k)
-    dense = torch.full((n_te, M, k), 1.0 / k, device=device)
-    dense[req, t] = probe_probs(probe, Xte)                                    # (n_te, M, k)
-    steps = torch.arange(M, device=device)[None].float()
-    cap = lambda e: torch.minimum(e.clamp(min=0), M - steps)                   # the repo's clamp
-    r0 = expect(p_prompt, mids)
-    T = build_transition(k, width).to(device)
-    preds = {"prompt_only": cap(r0[:, None] - steps),
-             "probe": cap(expect(dense, mids)),
-             "probe_bayes": cap(expect(bayes_smooth(dense, T), mids)),
-             "prompt_probe_bayes": cap(expect(bayes_smooth(dense, T, prior=p_prompt), mids))}
-    const = rtr.float().median()
-    tt = task[test_idx][req]
-    mae = {"constant": float((const - rem).abs().float().mean())}
-    for name, pr in preds.items():
-        err = (pr[req, t] - rem).abs()
-        mae[name] = float(err.mean())
-        for ti, tname in enumerate(TASKS):
-            mae[f"{name}/{tname}"] = float(err[tt == ti].mean())
-    trace = {"L": lengths[test_idx].cpu().numpy(), "r0_prompt": r0.cpu().numpy(),
-             "pred_refined": preds["prompt_probe_bayes"].cpu().numpy(), "task": task[test_idx].cpu().numpy()}
-    return mae, sweep, best, trace
-
-
-def serving_experiment(cfg, trace, seed):
-    """All policies at every load on the same arrivals and the same sampled requests."""
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(trace["L"]), cfg.sim_requests)
-    tr = {key: v[pick] for key, v in trace.items()}
-    gaps = rng.exponential(1.0, cfg.sim_requests)
-    cap = cfg.max_batch / (cfg.c0 + cfg.c_dec * cfg.max_batch) / tr["L"].mean()   # requests per ms
-    names = list(cfg.policies) + [f"trail_C{c:g}" for c in cfg.c_sweep]
-    res = {}
-    for load in cfg.loads:
-        arr = np.cumsum(gaps) / (load * cap)
-        for name in names:
-            kind, r0, pred, C = policy_inputs(name, tr, cfg.cutoff)
-            res[(name, load)] = simulate_serving(arr, tr["L"], kind, r0, pred, C, cfg.max_batch, cfg.kv_budget,
-                                                 P, cfg.c0, cfg.c_dec, cfg.c_pre)
-    return names, res
-
-
-def mg1_experiment(cfg, seed):
-    """Closed form against simulation on one sample path per case; Exp(1) sizes."""
-    rng = np.random.default_rng(seed)
-    n = cfg.mg1_jobs
-    x = rng.exponential(1.0, n)
-    cases = {"perfect": (x, cfg.mg1_lam_perfect), "noisy": (rng.exponential(x), cfg.mg1_lam_noisy)}
-    gaps = rng.exponential(1.0, n)
-    rows = []
-    for case, (r, lam) in cases.items():
-        arr = np.cumsum(gaps) / lam
-        for C in cfg.mg1_cs:
-            sim = float(simulate_mg1(x, r, arr, C).mean())
-            cf = closed_form(lam, C, x, r, cfg.mg1_grid)
-            rows.append((f"{case}_C{C:g}", lam, C, cf, sim))
-    lam = cfg.mg1_lam_perfect
-    sim = float(simulate_mg1(x, x, np.cumsum(gaps) / lam, policy="fcfs").mean())
-    rows.append(("fcfs", lam, None, 1.0 + lam * 2.0 / (2 * (1 - lam)), sim))   # P-K for Exp(1)
-    sm = schrage_miller(lam, lambda v: np.exp(-v), lambda v: 1 - np.exp(-v), 40.0)
-    return rows, sm
-
-
-def run_one(cfg):
-    t_start = time.time()
-    device = torch.device(cfg.device)
-    common.set_threads(cfg.threads, cfg.device)
-    common.set_seed(cfg.seed)
-    metrics, history = {}, {}
-
-    # 1) the tiny LM
+def exp_lm(cfg, device):
+    """Train the tiny LM, then sample n_requests outputs from it (temperature 1: lengths are random)."""
     model, hist = train_lm(cfg, device)
-    history["lm_loss"] = {"step": hist["step"], "loss": hist["loss"]}
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 3)
-    prompts, ref_out, ref_len, task = make_requests(cfg.n_requests, cfg, data_gen)
+    prompts, _, ref_len, task = make_requests(cfg.n_requests, cfg, torch.Generator().manual_seed(cfg.seed + 3))
     prompts, task = prompts.to(device), task.to(device)
     outs, lengths = [], []
-    for i in range(0, cfg.n_requests, cfg.gen_batch):
+    for i in common.progress(range(0, cfg.n_requests, cfg.gen_batch), "generate"):
         o, l = generate(model, prompts[i:i + cfg.gen_batch], cfg.max_out, cfg.temperature, gen)
         outs.append(o)
         lengths.append(l)
@@ -701,104 +676,255 @@ def run_one(cfg):
     lf, rf = lengths.float(), ref_len.float()
     common.print0(f"LM: loss {hist['loss'][-1]:.3f} | {common.count_params(model):,} params | sampled length "
                   f"mean {lf.mean():.1f} (sd {lf.std():.1f}) vs data {rf.mean():.1f} (sd {rf.std():.1f})")
-    metrics.update({"lm_loss": hist["loss"][-1], "len_mean/lm": float(lf.mean()), "len_mean/data": float(rf.mean())})
+    metrics = {"lm_loss/final": hist["loss"][-1], "len_mean/lm": float(lf.mean()), "len_mean/data": float(rf.mean())}
+    return model, (prompts, outs, lengths, task), metrics, hist
 
-    # 2) predictors
-    n_test = max(10, int(round(cfg.holdout * cfg.n_requests)))
-    perm = torch.randperm(cfg.n_requests, generator=torch.Generator().manual_seed(cfg.seed + 4)).to(device)
-    train_idx, test_idx = perm[n_test:], perm[:n_test]
-    mae, sweep, best, trace = length_predictors(cfg, model, prompts, outs, lengths, task, train_idx, test_idx,
-                                                device)
-    metrics.update({f"mae/{k}": v for k, v in mae.items()})
-    metrics.update({f"mae_sweep/layer{i}": v for i, v in enumerate(sweep)})
-    metrics["best_layer"] = best
-    history["layer_sweep"] = sweep
-    common.print_table([[i, v, "*" if i == best else ""] for i, v in enumerate(sweep)],
-                       ["layer", "probe MAE", "best"],
-                       title=f"Layer sweep (paper Fig. 2: layers 10-15 of 32 best, layer 11 used)")
-    cols = ["prompt_only", "probe", "probe_bayes", "prompt_probe_bayes"]
-    rows = [["all"] + [mae[c] for c in cols] + [mae["prompt_only"] / mae["prompt_probe_bayes"], "2.66x"]]
-    rows += [[tn] + [mae[f"{c}/{tn}"] for c in cols] + [mae[f"prompt_only/{tn}"] / mae[f"prompt_probe_bayes/{tn}"],
-                                                         ""] for tn in TASKS]
-    common.print_table(rows, ["task", "prompt-only", "probe", "probe+Bayes", "prompt-prior+probe+Bayes",
-                              "ours: prompt/refined", "paper"],
-                       title=f"Remaining-length MAE per decode step (tokens; {n_test} held-out requests; layer "
-                             f"{best}; predicting the median: {mae['constant']:.2f})")
 
-    # 3) serving simulation
-    names, res = serving_experiment(cfg, trace, cfg.seed + 5)
+def fit_predictors(cfg, model, prompts, outs, lengths, train_idx, val_idx):
+    """Paper Sec. 3.1 on our LM: a probe per layer (Fig. 2), the final probe at the validation-best layer, and
+    the prompt-only predictor; fitted on training requests, layer and epochs chosen on validation requests."""
+    k, M, mids = cfg.n_bins, cfg.max_out, bin_edges(cfg.max_out, cfg.n_bins)[1].to(prompts.device)
+
+    def pairs(idx, layer):   # per decode step: state, step t, remaining; per request: mean prompt state
+        steps, prompt = hidden_features(model, prompts[idx], outs[idx], lengths[idx], layer, cfg.gen_batch)
+        _, t, rem = step_targets(lengths[idx])
+        return steps, t, rem, prompt
+
+    probe_mae = lambda X, t, rem: lambda p: remaining_mae(capped_estimate(expect(probe_probs(p, X), mids), t, M), rem)
+    sweep_idx = train_idx[:cfg.sweep_requests] if cfg.sweep_requests else train_idx
+    sweep = []
+    for layer in common.progress(range(cfg.n_layer + 1), "layer sweep"):
+        Xtr, _, rtr, _ = pairs(sweep_idx, layer)
+        probe, _ = train_probe(Xtr, to_bin(rtr, M, k), cfg.sweep_hidden, k, cfg.sweep_epochs, cfg.probe_batch,
+                               cfg.probe_lr, cfg.seed, desc=f"probe layer {layer}")
+        sweep.append(probe_mae(*pairs(val_idx, layer)[:3])(probe))
+    layer = int(np.argmin(sweep))
+    (Xtr, _, rtr, Ptr), (Xva, tva, rva, Pva) = pairs(train_idx, layer), pairs(val_idx, layer)
+    probe, probe_epoch = train_probe(Xtr, to_bin(rtr, M, k), cfg.probe_hidden, k, cfg.probe_epochs,
+                                     cfg.probe_batch, cfg.probe_lr, cfg.seed, probe_mae(Xva, tva, rva), "probe")
+    req_va = step_targets(lengths[val_idx])[0]       # prompt-only: its estimate counted down, scored per step
+    prompt_mae = lambda p: remaining_mae(capped_estimate(expect(probe_probs(p, Pva), mids)[req_va] - tva, tva, M), rva)
+    prompt_probe, prompt_epoch = train_probe(Ptr, to_bin(lengths[train_idx], M, k), cfg.prompt_hidden, k,
+                                             cfg.prompt_epochs, cfg.prompt_batch, cfg.probe_lr, cfg.seed,
+                                             prompt_mae, "prompt-only")
+    return {"layer": layer, "sweep": sweep, "probe": probe, "probe_epoch": probe_epoch, "prompt_probe": prompt_probe,
+            "prompt_epoch": prompt_epoch, "median_remaining": float(rtr.float().median())}
+
+
+def exp_predictors(cfg, model, prompts, outs, lengths, task, device):
+    """Remaining-length MAE per decode step on test requests (paper Fig. 3): prompt-only, probe, probe + Bayes,
+    prompt prior + probe + Bayes (TRAIL). Returns (metrics, the serving trace of the test requests, fitted)."""
+    train_idx, val_idx, test_idx = (i.to(device) for i in split_requests(cfg.n_requests, cfg.val_frac,
+                                                                         cfg.test_frac, cfg.seed + 4))
+    fit = fit_predictors(cfg, model, prompts, outs, lengths, train_idx, val_idx)
+    k, M = cfg.n_bins, cfg.max_out
+    width, mids = bin_edges(M, k)
+    mids = mids.to(device)
+    Xte, Pte = hidden_features(model, prompts[test_idx], outs[test_idx], lengths[test_idx], fit["layer"], cfg.gen_batch)
+    req, t, rem = step_targets(lengths[test_idx])
+    p_prompt = probe_probs(fit["prompt_probe"], Pte)                           # (n_test, k)
+    dense = torch.full((len(test_idx), M, k), 1.0 / k, device=device)          # steps past L are never scored
+    dense[req, t] = probe_probs(fit["probe"], Xte)                              # (n_test, M, k)
+    steps, T, r0 = torch.arange(M, device=device)[None], build_transition(k, width).to(device), expect(p_prompt, mids)
+    preds = {"prompt_only": r0[:, None] - steps, "probe": expect(dense, mids),
+             "probe_bayes": expect(bayes_smooth(dense, T), mids),
+             "prompt_probe_bayes": expect(bayes_smooth(dense, T, prior=p_prompt), mids)}
+    preds = {name: capped_estimate(pr, steps, M) for name, pr in preds.items()}
+    metrics, tt = {"mae/constant/all": remaining_mae(torch.tensor(fit["median_remaining"]), rem)}, task[test_idx][req]
+    for name, pr in preds.items():
+        err = (pr[req, t] - rem).abs()
+        metrics[common.mkey("mae", name, "all")] = float(err.mean())
+        for ti, tname in enumerate(TASKS):
+            metrics[common.mkey("mae", name, tname)] = float(err[tt == ti].mean())
+    metrics.update({common.mkey("mae_val", "probe", f"layer{i}"): v for i, v in enumerate(fit["sweep"])})
+    metrics.update({"chosen/probe/layer": fit["layer"], "chosen/probe/epoch": fit["probe_epoch"],
+                    "chosen/prompt_only/epoch": fit["prompt_epoch"]})
+    common.print_table([[i, v, "*" if i == fit["layer"] else ""] for i, v in enumerate(fit["sweep"])],
+                       ["layer", "probe MAE", "chosen"],
+                       title=f"Layer sweep on {len(val_idx)} validation requests (paper Fig. 2: layers 10-15 of 32 best, "
+                             f"11 used); epochs kept: probe {fit['probe_epoch']}, prompt-only {fit['prompt_epoch']}")
+    rows = [[tn] + [metrics[common.mkey("mae", c, tn)] for c in PREDICTORS]
+            + [f"{metrics[f'mae/prompt_only/{tn}'] / metrics[f'mae/prompt_probe_bayes/{tn}']:.2f}x",
+               "2.66x" if tn == "all" else ""] for tn in ("all",) + TASKS]
+    common.print_table(rows, ["task", "prompt-only", "probe", "probe+Bayes", "prompt-prior+probe+Bayes (TRAIL)",
+                              "prompt/TRAIL", "paper"],
+                       title=f"Remaining-length MAE per decode step (tokens; {len(test_idx)} test requests; layer "
+                             f"{fit['layer']}; predicting the training median: {metrics['mae/constant/all']:.2f})")
+    trace = make_trace(lengths[test_idx].tolist(), r0.tolist(), preds["prompt_probe_bayes"].tolist(), M)
+    return metrics, trace, fit
+
+
+def pm(vals, digits=1):
+    m, s = common.mean_std(vals)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def ratio_of_means(a, b):
+    """mean(a) / mean(b), and the std of the paired per-seed ratios a_i / b_i (same arrivals)."""
+    return float(np.mean(a) / np.mean(b)), common.mean_std([x / y for x, y in zip(a, b)])[1]
+
+
+def exp_load_curve(cfg, trace):
+    """Paper Fig. 5-6 analogue: mean latency and TTFT vs load for every policy on the same arrivals; a point
+    is the mean +- std over arrival seeds; a speedup is FCFS's mean / the policy's mean (+- std of the paired
+    per-seed ratios); drift = second-half mean latency / first-half - 1, pooled over seeds."""
+    seeds = range(cfg.arrival_seeds)
+    jobs = [(load, s, name) for load in cfg.loads for s in seeds for name in cfg.policies]
+    res = {(load, s, name): serve(cfg, trace, name, load, (cfg.seed, s), cfg.kv_tokens)
+           for load, s, name in common.progress(jobs, "serving (load curve)")}
+    col = lambda load, name, q: [res[(load, s, name)][q] for s in seeds]
+    metrics, rows = {}, []
     for load in cfg.loads:
-        base = res[("fcfs", load)]
-        rows = []
-        for name in names:
-            s, tag = res[(name, load)], f"{name}/load{load:g}"
-            lat, ttft = float(s["latency"].mean()), float(s["ttft"].mean())
-            sp_l, sp_t = float(base["latency"].mean()) / lat, float(base["ttft"].mean()) / ttft
-            metrics.update({f"latency_mean/{tag}": lat, f"latency_p99/{tag}": float(np.percentile(s["latency"], 99)),
-                            f"ttft_mean/{tag}": ttft, f"preemptions/{tag}": s["preemptions"],
-                            f"evictions/{tag}": s["evictions"], f"peak_kv/{tag}": s["peak_kv"],
-                            f"speedup_latency/{tag}": sp_l, f"speedup_ttft/{tag}": sp_t})
-            paper = {"trail": "1.66-2.01x / 1.76-24x", "sjf": "small gain"}.get(name, "")
-            rows.append([name, lat, f"{sp_l:.2f}x", metrics[f"latency_p99/{tag}"], ttft, f"{sp_t:.2f}x",
-                         s["preemptions"], s["evictions"], s["peak_kv"], paper])
-        common.print_table(rows, ["policy", "mean latency", "vs FCFS", "p99", "mean TTFT", "vs FCFS", "preempt",
-                                  "evict", "peak KV", "paper (latency / TTFT vs FCFS)"],
-                           title=f"Serving simulation, load {load:g} ({cfg.sim_requests} requests, max_batch "
-                                 f"{cfg.max_batch}, KV {cfg.kv_budget} tokens, C = {cfg.cutoff:g}; times in ms)")
+        tag = f"load{load:g}"
+        for name in cfg.policies:
+            key = lambda fam: common.mkey(fam, name, tag)
+            for q in ("latency", "ttft"):
+                metrics[key(q)], metrics[key(q + "_sd")] = common.mean_std(col(load, name, q))
+                metrics[key("speedup_" + q)], metrics[key("speedup_" + q + "_sd")] = ratio_of_means(
+                    col(load, "fcfs", q), col(load, name, q))
+            metrics[key("drift")] = ratio_of_means(col(load, name, "half2"), col(load, name, "half1"))[0] - 1
+            for q in ("p99", "preemptions", "evictions", "peak_kv"):
+                metrics[key(q)] = float(np.mean(col(load, name, q)))
+            rows.append([f"{load:g}", name] + [f"{pm(col(load, name, q))} ({metrics[key('speedup_' + q)]:.2f}x)"
+                                               for q in ("latency", "ttft")]
+                        + [f"{100 * metrics[key('drift')]:+.1f}%" + (" (> 10%)" if abs(metrics[key("drift")]) > 0.1 else ""),
+                           metrics[key("preemptions")], metrics[key("peak_kv")]])
+        if {"trail", "trail_prompt"} <= set(cfg.policies):    # where refinement pays: TRAIL-BERT / TRAIL
+            for q in ("latency", "ttft"):
+                metrics[common.mkey("refine_gain", q, tag)], metrics[common.mkey("refine_gain_sd", q, tag)] = \
+                    ratio_of_means(col(load, "trail_prompt", q), col(load, "trail", q))
+    common.print_table(rows, ["load", "policy", "mean latency (vs FCFS)", "mean TTFT (vs FCFS)", "drift", "preempt",
+                              "peak KV"],
+                       title=f"Serving: mean ± std over {cfg.arrival_seeds} arrival seeds (max_batch {cfg.max_batch}, "
+                             f"KV {cfg.kv_tokens} tokens, C = {cfg.cutoff:g}; ms; {trace_length(cfg, max(cfg.loads)):,} "
+                             f"requests at the top load; paper: latency 1.66-2.01x, TTFT 1.76-24x vs FCFS)")
+    return metrics
 
-    # 4) M/G/1 closed form against simulation
-    rows, sm = mg1_experiment(cfg, cfg.seed + 6)
-    table = []
-    for case, lam, C, cf, sim in rows:
-        metrics[f"mg1_rel_err/{case}"] = cf / sim - 1
-        table.append([case, lam, "-" if C is None else C, cf, sim, f"{100 * (cf / sim - 1):+.2f}%"])
-    common.print_table(table, ["case", "lambda", "C", "closed form", "simulation", "rel. err"],
-                       title=f"M/G/1 SPRPT with limited preemption: closed form vs simulation ({cfg.mg1_jobs:,} "
-                             f"jobs, Exp(1) sizes; fcfs row: Pollaczek-Khinchine; no published gap in the paper)")
-    cf1 = [r[3] for r in rows if r[0] == "perfect_C1"]
-    if cf1:   # C = 1 with perfect predictions is SRPT: compare with Schrage & Miller's formula by quadrature
-        metrics["mg1_schrage_miller_rel"] = cf1[0] / sm - 1
-        common.print0(f"Schrage-Miller SRPT (lambda {cfg.mg1_lam_perfect:g}, quadrature): {sm:.4f} | closed form "
-                      f"C=1 perfect: {cf1[0]:.4f} ({100 * (cf1[0] / sm - 1):+.2f}%)")
 
-    # 5) the finding
-    hi = f"load{max(cfg.loads):g}"
-    mg1_max = max(abs(metrics[k]) for k in metrics if k.startswith("mg1_rel_err/"))
-    checks = [("refined MAE < prompt-only MAE", mae["prompt_probe_bayes"] < mae["prompt_only"])]
-    if "trail" in cfg.policies:
-        sl, st = metrics[f"speedup_latency/trail/{hi}"], metrics[f"speedup_ttft/trail/{hi}"]
-        checks += [(f"TRAIL latency vs FCFS at {hi} >= 1.5x ({sl:.2f}x)", sl >= 1.5),
-                   (f"TRAIL TTFT gain > latency gain ({st:.2f}x vs {sl:.2f}x)", st > sl)]
-    checks.append((f"closed form within 2% of simulation (max {100 * mg1_max:.2f}%)", mg1_max < 0.02))
-    for text, ok in checks:
-        common.print0(f"finding: {'yes' if ok else 'NO '} | {text}")
-    metrics["wall_time_s"] = time.time() - t_start
-    return metrics, history
+def exp_c_sweep(cfg, trace):
+    """The limited-preemption trade-off (paper Sec. 4 C sweep, App. D): TRAIL's mean latency, TTFT and peak KV
+    vs the cutoff C at a high load, with unlimited KV (peak KV is the memory the schedule needs)."""
+    cs = list(cfg.c_sweep) + [math.inf]
+    jobs = [(c, s) for c in cs for s in range(cfg.arrival_seeds)]
+    res = {(c, s): serve(cfg, trace, "trail", cfg.c_sweep_load, (cfg.seed, s), math.inf, cutoff=c)
+           for c, s in common.progress(jobs, "serving (C sweep)")}
+    metrics, rows = {}, []
+    for c in cs:
+        per = [res[(c, s)] for s in range(cfg.arrival_seeds)]
+        tag = "Cinf" if math.isinf(c) else f"C{c:g}"
+        for q in ("latency", "ttft", "peak_kv", "mean_kv", "preemptions"):
+            metrics[common.mkey("csweep_" + q, "trail", tag)], sd = common.mean_std([r[q] for r in per])
+            metrics[common.mkey("csweep_" + q + "_sd", "trail", tag)] = sd
+        rows.append(["inf (SPRPT)" if math.isinf(c) else f"{c:g}"] + [pm([r[q] for r in per]) for q in
+                    ("latency", "ttft", "peak_kv", "mean_kv")] + [metrics[common.mkey("csweep_preemptions", "trail", tag)]])
+    common.print_table(rows, ["C", "mean latency", "mean TTFT", "peak KV", "mean KV", "preemptions"],
+                       title=f"C sweep at load {cfg.c_sweep_load:g}, unlimited KV ({cfg.arrival_seeds} arrival seeds; "
+                             f"paper: C = 0.8 best, C = 1 worse by memory, C = 0.2 too little preemption)")
+    return metrics
+
+
+def exp_mg1(cfg):
+    """M/G/1 closed form (re-derived with SOAP) vs an event-driven simulation on one sample path per case;
+    Exp(1) sizes; FCFS against Pollaczek-Khinchine and C = 1 against Schrage-Miller on the same sample."""
+    rng = np.random.default_rng(cfg.seed + 6)
+    x = rng.exponential(1.0, cfg.mg1_jobs)
+    gaps = rng.exponential(1.0, cfg.mg1_jobs)
+    cases = {"perfect": (x, cfg.mg1_lam_perfect), "noisy": (rng.exponential(x), cfg.mg1_lam_noisy)}
+    jobs = [(case, C) for case in cases for C in cfg.mg1_cs] + [("fcfs", None)]
+    metrics, rows = {}, []
+    for case, C in common.progress(jobs, "M/G/1"):
+        r, lam = cases.get(case, (x, cfg.mg1_lam_perfect))
+        if case == "fcfs":
+            cf, sim = pollaczek_khinchine(lam, x), float(simulate_mg1(x, x, np.cumsum(gaps) / lam, policy="fcfs").mean())
+        else:
+            cf, sim = closed_form(lam, C, x, r, cfg.mg1_grid), float(simulate_mg1(x, r, np.cumsum(gaps) / lam, C).mean())
+        tag = case if C is None else f"{case}_C{C:g}"
+        metrics[common.mkey("mg1_rel_err", tag)] = cf / sim - 1
+        rows.append([tag, lam, "-" if C is None else C, cf, sim, f"{100 * (cf / sim - 1):+.2f}%"])
+    common.print_table(rows, ["case", "lambda", "C", "closed form", "simulation", "rel. err"],
+                       title=f"M/G/1 SPRPT with limited preemption: closed form vs simulation ({cfg.mg1_jobs:,} jobs, "
+                             f"Exp(1) sizes; fcfs: Pollaczek-Khinchine on the same sample)")
+    if 1.0 in cfg.mg1_cs:   # C = 1 with perfect predictions is SRPT: Schrage & Miller's formula by quadrature
+        sm = schrage_miller(cfg.mg1_lam_perfect, lambda v: np.exp(-v), lambda v: 1 - np.exp(-v), 40.0)
+        metrics["mg1_schrage_miller_rel/perfect_C1"] = closed_form(cfg.mg1_lam_perfect, 1.0, x, x, cfg.mg1_grid) / sm - 1
+        common.print0(f"Schrage-Miller SRPT (lambda {cfg.mg1_lam_perfect:g}, quadrature) {sm:.4f}: closed form C = 1 "
+                      f"is {100 * metrics['mg1_schrage_miller_rel/perfect_C1']:+.2f}% off")
+    return metrics
+
+# -----------------------------------------------------------------------------
+# Run
+
+
+def run_seed(cfg):
+    """One LM seed: LM, predictors, then (rank 0 only) the serving and M/G/1 experiments."""
+    device = torch.device(cfg.device)
+    common.set_seed(cfg.seed)
+    stages = common.Stages({"LM": 4, "predictors": 2, "load curve": 3, "C sweep": 1, "M/G/1": 1})
+    timings, t0 = {}, time.time()
+    with stages("LM"):
+        model, data, metrics, hist = exp_lm(cfg, device)
+    with stages("predictors"):
+        m, trace, _ = exp_predictors(cfg, model, *data, device)
+        metrics.update(m)
+    timings["lm_and_predictors"] = time.time() - t0
+    if not common.is_main():          # the data-parallel part is done; rank 0 simulates and reports
+        return {}
+    common.save_results(NAME, cfg, metrics, partial=True)
+    for stage, exp in (("load curve", lambda: exp_load_curve(cfg, trace)), ("C sweep", lambda: exp_c_sweep(cfg, trace)),
+                       ("M/G/1", lambda: exp_mg1(cfg))):
+        if stage == "C sweep" and not cfg.c_sweep:
+            continue
+        with stages(stage):
+            t0 = time.time()
+            metrics.update(exp())
+            timings[stage.replace(" ", "_").replace("/", "")] = time.time() - t0
+        common.save_results(NAME, cfg, metrics, partial=True)
+    return metrics, {"lm_loss": hist, "layer_sweep": [metrics[k] for k in metrics if k.startswith("mae_val/")],
+                     "timings": timings}
+
+
+def cell(runs, key, digits=2):
+    """mean ± std over LM seeds (--seeds > 1), else mean ± std over arrival seeds (the *_sd companion)."""
+    if key in runs.std or key not in runs.mean:
+        return runs.cell(key, digits)
+    fam, rest = key.split("/", 1)
+    sd = runs.mean.get(f"{fam}_sd/{rest}")
+    return common.fmt(runs.mean[key], digits) + ("" if sd is None else f" ± {common.fmt(sd, digits)}")
 
 
 def run(cfg):
     t0 = time.time()
-    out = {}
-
-    def one(c):
-        m, h = run_one(c)
-        out.setdefault("history", h)
-        return m
-
-    metrics = common.over_seeds(cfg, one)
-    history = out["history"]
+    runs = common.over_seeds(cfg, run_seed, NAME)
+    if not common.is_main():
+        return runs
+    over = f"{len(runs.seeds)} LM seeds" if len(runs.seeds) > 1 else f"{cfg.arrival_seeds} arrival seeds"
+    rows = [[f"{load:g}"] + [cell(runs, common.mkey(f"speedup_{q}", p, f"load{load:g}"))
+                             for q in ("latency", "ttft") for p in cfg.policies if p != "fcfs"]
+            + [cell(runs, f"refine_gain/{q}/load{load:g}", 3) for q in ("latency", "ttft")]
+            for load in cfg.loads]
+    pols = [p for p in cfg.policies if p != "fcfs"]
+    common.print_table(rows, ["load"] + [f"latency {p}" for p in pols] + [f"TTFT {p}" for p in pols]
+                       + ["refined/prompt lat", "refined/prompt TTFT"],
+                       title=f"Speedup vs FCFS (ratio of means ± std over {over}); refinement gain = TRAIL-BERT / TRAIL")
+    common.print0("MAE all tasks (test requests): " + ", ".join(f"{p} {cell(runs, f'mae/{p}/all')}" for p in PREDICTORS))
     wall = time.time() - t0
-    common.save_results("trail", cfg, metrics, history, wall)
-    common.plot("trail", {"probe MAE (held-out decode steps)": (list(range(len(history["layer_sweep"]))),
-                                                                 history["layer_sweep"])},
-                out_dir=cfg.out, xlabel="layer (0 = embeddings)", ylabel="remaining-length MAE (tokens)",
-                title="TRAIL layer sweep (paper Fig. 2 analogue)")
+    history = dict(runs.extras[0] or {})
+    common.save_results(NAME, cfg, runs, history=history, timings=history.pop("timings", {}), wall_time_s=wall,
+                        info={"policies": list(cfg.policies), "loads": list(cfg.loads), "kv_tokens": cfg.kv_tokens})
+    for q in ("latency", "ttft"):
+        curves = {p: (list(cfg.loads), [runs.mean[common.mkey(q, p, f"load{l:g}")] for l in cfg.loads],
+                      [runs.std.get(common.mkey(q, p, f"load{l:g}"), runs.mean[common.mkey(q + "_sd", p, f"load{l:g}")])
+                       for l in cfg.loads]) for p in cfg.policies}
+        common.plot(NAME if q == "latency" else f"{NAME}_ttft", curves, out_dir=cfg.out, xlabel="load (arrival rate / capacity)",
+                    ylabel=f"mean {q.upper() if q == 'ttft' else q} (ms)", title=f"TRAIL serving: mean {q} vs load", logy=True)
     common.print0(f"wall time {wall:.1f} s")
-    return metrics
+    return runs
 
 
 def main():
-    run(common.parse_args(Config, PRESETS))
+    cfg = common.parse_args(Config, PRESETS)
+    with common.session(cfg):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,46 +1,29 @@
 """
-Universal Length Generalization with Turing Programs -- a single-file reproduction.
+Universal Length Generalization with Turing Programs
+Kaiying Hou, David Brandfonbrener, Sham M. Kakade, Samy Jelassi, Eran Malach. ICML 2025. arXiv:2407.03310
+Official code: none. Hard-ALiBi is from Jelassi et al. 2024 (sjelassi/transformers_ssm_copy), here
+common.GPT(pos="hard_alibi"): heads 1..H/2 see only their last 1..H/2 tokens, the others are NoPE.
 
-Kaiying Hou, David Brandfonbrener, Sham M. Kakade, Samy Jelassi, Eran Malach (2024; ICML 2025).
-arXiv 2407.03310. Official code: none published. Hard-ALiBi (the positional scheme the paper relies
-on) comes from "Repeat After Me" (Jelassi et al. 2024), official code sjelassi/transformers_ssm_copy
-(synthetic_exps/models/hard_alibi_model.py); here it is common.GPT(pos="hard_alibi").
+Finding: write the chain of thought as a Turing machine's run, one tape per line (a copy of the last
+line with a few local edits), and a small transformer learns the algorithm exactly; the paper adds
+100-digit numbers at 98% exact match after training on <= 50 digits (Hard-ALiBi).
+Measured (quick, seed 0, 601 s, 1 CPU thread): addition, train n 1..5, exact match in distribution
+Hard-ALiBi 0.96, NoPE 0.91, answer-only 0.06; at n = 8, 10 exact 0.00 for all, per-token 0.71 vs 0.18 at 10.
 
-The idea: write the chain of thought as the run of a Turing machine, one tape per line. Every line is
-a copy of the previous line with O(1) local edits (a head marker moves, one cell is rewritten, the
-state changes), so length generalization of the whole algorithm reduces to length generalization of
-*copying*, which a transformer with Hard-ALiBi heads (each sees only its last w tokens) plus NoPE heads
-can do. The paper trains addition on up to 50 digits and reports ~98% exact match at 100 digits.
+    python turing_programs.py --preset smoke        # seconds (what pytest runs)
+    python turing_programs.py                       # quick on CPU (full on CUDA)
+    python turing_programs.py --device cuda         # full: addition trained to 20 digits, tested at 40
+    python turing_programs.py --context tokens --runs tp:hard_alibi,plain:hard_alibi   # the paper's window
+    torchrun --standalone --nproc_per_node=2 turing_programs.py --preset smoke --device cpu
 
-What `quick` prints (CPU, one thread, ~6 min): addition Turing Programs, the same data and steps for a
-Hard-ALiBi model and a NoPE model (4 layers, d=64): exact match and per-token accuracy at n = 3, 5
-(training range 1..5) and 7, 10 (1.4x, 2x), per-token accuracy by category (copy / head letter / carry
-state / new sum digit), and the training curve. Hard-ALiBi fits the program much faster and keeps far
-more tokens right beyond the training length; exact-match length generalization (the paper's metric)
-is NOT reached at this CPU scale -- the `full` preset (one GPU, unmeasured) targets it.
+Glossary (ours -> paper): tp = Turing Program, steps joined by "|" (<|SEP|>); a..j = the digit under a
+head; N / C = carry 0 / 1; context steps = each token attends to its own and the previous step (ours),
+context tokens = the last W tokens (the paper's test window, 500); plain = a scratchpad without copying;
+none = answer only; n = digits per operand (each operand's length drawn independently in training).
 
-Run:
-    python turing_programs.py --preset smoke         # seconds, what pytest runs
-    python turing_programs.py                        # quick on CPU
-    python turing_programs.py --device cuda          # full: train n<=20, test up to 40 (one GPU, <= 1 h)
-    python turing_programs.py --task rtm8 --runs tp:hard_alibi,tp:nope   # random Turing machine
-    python turing_programs.py --window 0             # ablation: no sliding window at test time
-
-Glossary (ours -> paper):
-    TP / "tp" format   Turing Program scratchpad (one tape per line, lines separated by "|" = <|SEP|>)
-    a..j               the digit under a head (0->a, ..., 9->j): the paper's head marker
-    N / C              carry state 0 / 1 (addition); "# c" the carry state of multiplication
-    window W           the test-time context: at most W tokens, oldest W/2 dropped when full
-                       (paper: context 500, "only the most recent 500 tokens are kept")
-    hard_windows       Hard-ALiBi window m_h of head h (0 = NoPE head); official: m_h = h+1 for half the heads
-    n                  number of digits of each operand (tape length for random TMs)
-    gen_len90          first tested length whose exact match is below 90%
-
-Does not include: in-context SGD (the paper's fourth task); the paper's ~150M-parameter model, 50->100
-digit lengths and its training budget (not recoverable; `full` is a ~25M model, 20->40 digits); the
-RASP construction of the paper's Theorem; the paper's exact token layout of Figures 2/4 (images; ours
-follows every verifiable constraint, see the data docstrings); multi-seed error bars by default
-(use --seeds N).
+Does not include: in-context SGD; the paper's ~150M model and 50 -> 100 digit scale; the RASP
+construction; the paper's token layout (its Figures 2/4 are images; ours keeps every stated rule)
+and vocabulary (24 tokens; ours adds N C = * # and the random-TM symbols).
 """
 from __future__ import annotations
 
@@ -54,8 +37,7 @@ import torch.nn as nn
 
 import common
 
-# -----------------------------------------------------------------------------
-# Vocabulary and token categories
+NAME = "turing_programs"
 
 VOCAB = (["<pad>", "<bos>", "<eos>", "|"] + [str(d) for d in range(10)] + list("abcdefghij")
          + ["+", "=", "*", "#", "N", "C"] + [f"Q{i}" for i in range(8)] + [f"s{i}" for i in range(8)])
@@ -67,7 +49,7 @@ PROMPT, COPY, HEAD, STATE, DIGIT = -1, 0, 1, 2, 3              # category of eac
 CATS = ("copy", "head", "state", "digit")
 TASKS = ("add", "mul1", "mulm", "rtm", "rtm8")
 FORMATS = ("tp", "plain", "none")
-POS = {"hard_alibi": "hard_alibi", "nope": "none", "alibi": "alibi", "rope": "rope"}  # ours -> common.GPT
+POS = ("hard_alibi", "nope", "alibi", "rope")
 
 # -----------------------------------------------------------------------------
 # Config
@@ -76,77 +58,85 @@ POS = {"hard_alibi": "hard_alibi", "nope": "none", "alibi": "alibi", "rope": "ro
 @dataclass
 class Config(common.BaseConfig):
     task: str = "add"             # add | mul1 (n x 1) | mulm (n x mul_m) | rtm / rtm8 (random TM, 3 / 8 symbols)
-    runs: tuple[str, ...] = ("tp:hard_alibi", "tp:nope")  # models as format:pos (format tp|plain|none,
-                                                          # pos hard_alibi|nope|alibi|rope), same data each
+    runs: tuple[str, ...] = ("tp:hard_alibi", "tp:nope", "none:hard_alibi")  # models as format:pos
+                                  # (format tp|plain|none; pos hard_alibi|nope|alibi|rope);
+                                  # plain/none exist for add; every run sees the same data stream
     train_min: int = 1            # shortest operand / tape length n in training
-    train_max: int = 5            # longest n in training (L_train)
-    eval_lens: tuple[int, ...] = (3, 5, 7, 10)  # test lengths n
+    train_max: int = 5            # longest n in training (each operand's length drawn independently)
+    eval_lens: tuple[int, ...] = (5, 8, 10)  # test lengths n (both operands n digits): train max, 1.5x, 2x
     mul_m: int = 3                # digits of the second factor for mulm (paper: 3)
     n_layer: int = 4              # transformer blocks
     n_head: int = 4               # heads per block
     n_embd: int = 64              # model width
-    hard_windows: tuple[int, ...] = ()  # Hard-ALiBi window per head (0 = NoPE); empty: 1..H/2, rest NoPE (official)
-    init: str = "untied"          # untied: PyTorch default Linear init, N(0,1) embedding, own output layer;
-                                  # torch: same with tied embedding; gpt2: common.GPT's std 0.02 (tied)
+    hard_windows: tuple[int, ...] = ()  # Hard-ALiBi window per head (0 = NoPE head); empty: 1..H/2, rest NoPE
+    init: str = "fan_in"          # fan_in: PyTorch default Linear init + N(0,1) embedding; gpt2: std 0.02
     block: int = 128              # training context T (tokens per row)
-    window: int = -1              # test-time window W (even; -1: = block, 0: full context, no cropping)
-    batch_size: int = 32          # rows per step
+    context: str = "steps"        # steps: every token attends to its own and the previous TP step (line), in
+                                  # every layer; tokens: the paper's test-time window of the last W tokens
+    window: int = 0               # context=tokens: test window W (even; 0: = block); oldest W/2 dropped when full
+    batch_size: int = 32          # rows per step (global: split over torchrun ranks)
     steps: int = 1000             # optimizer steps per model
-    lr: float = 2e-3              # peak AdamW learning rate
+    lr: float = 5e-3              # peak AdamW learning rate
     warmup: int = 100             # linear warmup steps, then cosine to 10%
     weight_decay: float = 0.1     # AdamW weight decay (official: 0.1)
     beta2: float = 0.98           # AdamW beta2
-    eval_samples: int = 50        # test sequences per length
-    eval_every: int = 100         # steps between progress evals (per-token acc at n = train_max); 0 = off
+    grad_clip: float = 1.0        # gradient-norm clip
+    eval_samples: int = 100       # test programs per length (and for the in-distribution score)
+    eval_every: int = 250         # steps between progress evals (token accuracy in distribution); 0 = off
+    log_every: int = 10           # steps between loss records
     rtm_seed: int = 12345         # seed of the one random Turing machine (random.Random)
+
+    POSITIVE = ("train_min", "train_max", "mul_m", "n_layer", "n_head", "n_embd", "block", "steps",
+                "eval_samples", "log_every")
+    GLOBAL_BATCH = ("batch_size",)
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task '{self.task}' (choose {', '.join(TASKS)})")
-        self.runs, self.eval_lens = tuple(self.runs), tuple(self.eval_lens)
-        self.hard_windows = tuple(self.hard_windows)
-        if not self.runs:
-            raise ValueError("--runs needs at least one format:pos")
+        self.runs, self.eval_lens, self.hard_windows = tuple(self.runs), tuple(self.eval_lens), tuple(self.hard_windows)
         for r in self.runs:
             fmt, _, pos = r.partition(":")
             if fmt not in FORMATS or pos not in POS:
-                raise ValueError(f"bad run '{r}': use format:pos with format in {FORMATS}, pos in {tuple(POS)}")
+                raise ValueError(f"--runs: bad '{r}' (use format:pos, format in {FORMATS}, pos in {POS})")
             if fmt != "tp" and self.task != "add":
-                raise ValueError(f"format '{fmt}' exists for task add only (use tp)")
-        if not 1 <= self.train_min <= self.train_max:
-            raise ValueError("need 1 <= train_min <= train_max")
-        if not self.eval_lens or min(self.eval_lens) < 1:
-            raise ValueError("eval_lens must be positive lengths")
-        if self.task == "mulm" and not 1 <= self.mul_m <= 9:
-            raise ValueError("mul_m must be in 1..9")
+                raise ValueError(f"--runs: format '{fmt}' exists for task add only (use tp)")
+            if self.task.startswith("rtm") and self.context == "steps":
+                raise ValueError("--task rtm stops after n steps, a count two steps do not show: use --context tokens")
+            if fmt == "plain" and self.context == "steps":
+                raise ValueError("--runs: a plain scratchpad reads the prompt in every line: use --context tokens")
+        if len(set(self.runs)) != len(self.runs):
+            raise ValueError("--runs: each format:pos once")
+        if self.train_min > self.train_max:
+            raise ValueError("--train-min must be <= --train-max")
+        if min(self.eval_lens) < 1:
+            raise ValueError("--eval-lens must be >= 1")
+        if self.task == "mulm" and self.mul_m > 9:
+            raise ValueError("--mul-m must be in 1..9")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise ValueError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
         if self.hard_windows and len(self.hard_windows) != self.n_head:
-            raise ValueError("hard_windows needs one entry per head")
-        if self.init not in ("torch", "untied", "gpt2"):
-            raise ValueError("init must be torch, untied or gpt2")
-        if self.block < 16 or self.batch_size < 1 or self.steps < 1:
-            raise ValueError("need block >= 16, batch_size >= 1, steps >= 1")
-        if self.window == -1:
-            self.window = self.block
-        if self.window < 0 or self.window % 2:
-            raise ValueError("window must be even (or 0 = full context)")
-        if self.window:
-            longest = max(line_len(self.task, n, self.mul_m) for n in (*self.eval_lens, self.train_max))
-            if longest > self.window // 2:
-                raise ValueError(f"a line of the longest test length has {longest} tokens > window/2 = "
-                                 f"{self.window // 2}: raise --window/--block or lower --eval-lens")
+            raise ValueError("--hard-windows needs one entry per head")
+        if self.init not in ("fan_in", "gpt2"):
+            raise ValueError("--init must be fan_in or gpt2")
+        if self.context not in ("steps", "tokens"):
+            raise ValueError("--context must be steps or tokens")
+        if self.window % 2:
+            raise ValueError("--window must be even")
+        self.window = self.window or self.block
+        longest = max(line_len(self.task, n, self.mul_m) for n in (*self.eval_lens, self.train_max))
+        if self.context == "tokens" and longest > self.window // 2:
+            raise ValueError(f"a line of the longest length has {longest} tokens > window/2 = "
+                             f"{self.window // 2}: raise --window/--block or lower --eval-lens")
 
 
 PRESETS = {
-    "smoke": dict(train_max=3, eval_lens=(3, 5), n_layer=2, n_head=4, n_embd=32, block=64, batch_size=16,
-                  steps=80, warmup=10, lr=1e-2, eval_samples=20, eval_every=40),
-    "quick": dict(),  # the Config defaults: add, train 1..5, test 3/5/7/10, d=64 L=4 H=4, 1000 steps each
-    # full: NOT measured (no GPU run yet). Estimate: 4 runs x 10k steps x ~65 ms (25M params, 32k tokens/step,
-    # memory-efficient SDPA with a mask) ~ 45-55 min on one H100.
-    "full": dict(train_max=20, eval_lens=(10, 20, 30, 40), n_layer=8, n_head=16, n_embd=512, block=512,
-                 batch_size=64, steps=10000, lr=3e-4, warmup=1000, eval_samples=100, eval_every=1000,
-                 init="gpt2", runs=("tp:hard_alibi", "tp:nope", "tp:rope", "none:hard_alibi")),
+    "smoke": dict(train_max=3, eval_lens=(3, 5), n_layer=2, n_embd=32, block=64, batch_size=16, steps=60,
+                  warmup=10, lr=1e-2, eval_samples=20, eval_every=30, runs=("tp:hard_alibi", "tp:nope")),
+    "quick": dict(),
+    # full: unmeasured (no GPU this session). Sized for <= 10 min on one H100: 3 runs x 4000 steps of
+    # 16k tokens at an estimated ~40 ms/step (CPU data generation ~23 ms/step measured, 4.7M params).
+    "full": dict(train_max=20, eval_lens=(20, 30, 40), n_layer=6, n_head=8, n_embd=256, block=256,
+                 batch_size=64, steps=4000, lr=1e-3, warmup=200, eval_every=1000),
 }
 
 # -----------------------------------------------------------------------------
@@ -160,15 +150,28 @@ class Seqs(NamedTuple):
 
 
 def _assemble(pieces, B) -> Seqs:
-    """pieces: list of (tokens (B, k) or int, category (B, k) or int) -> one Seqs, all rows valid."""
-    toks, cats = [], []
-    for t, c in pieces:
+    """pieces: (tokens, category[, valid]) with tokens / category a (B, k) tensor or an int and valid a
+    (B, k) or (B, 1) bool tensor (default: all valid) -> one Seqs; each row's valid tokens are moved to
+    its front (rows end in <pad>)."""
+    toks, cats, valids = [], [], []
+    for t, c, *v in pieces:
         t = torch.full((B, 1), t, dtype=torch.long) if isinstance(t, int) else t.long()
-        c = torch.full_like(t, c) if isinstance(c, int) else c.long()
         toks.append(t)
-        cats.append(c)
-    tok = torch.cat(toks, 1)
-    return Seqs(tok, torch.cat(cats, 1).to(torch.int8), torch.ones_like(tok, dtype=torch.bool))
+        cats.append(torch.full_like(t, c) if isinstance(c, int) else c.long())
+        valids.append(v[0].expand_as(t) if v else torch.ones_like(t, dtype=torch.bool))
+    tok, cat, valid = torch.cat(toks, 1), torch.cat(cats, 1), torch.cat(valids, 1)
+    if not valid.all():                                    # left-pack the real tokens of every row
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :int(valid.sum(1).max())]
+        tok, cat, valid = (x.gather(1, order) for x in (tok, cat, valid))
+    return Seqs(tok.masked_fill(~valid, PAD), cat.masked_fill(~valid, PROMPT).to(torch.int8), valid)
+
+
+def _concat(seqs) -> Seqs:
+    """Rows of several Seqs in one, right-padded to the longest."""
+    L = max(s.tok.shape[1] for s in seqs)
+    pad = lambda x, v: torch.cat([x, torch.full((len(x), L - x.shape[1]), v, dtype=x.dtype)], 1)
+    return Seqs(*(torch.cat([pad(getattr(s, f), v) for s in seqs]) for f, v in
+                  (("tok", PAD), ("cat", PROMPT), ("valid", False))))
 
 
 def _marked(x, col):
@@ -184,52 +187,63 @@ def line_len(task, n, m=3) -> int:
     return {"add": 3 * n + 4, "mul1": 2 * n + 6, "mulm": 2 * n + 2 * m + 6}.get(task, n + 4)
 
 
-def addition(a, b, fmt="tp") -> Seqs:
-    """n+n addition; a, b: (B, n) digits, most significant first.
+def addition(a, b, fmt="tp", la=None, lb=None) -> Seqs:
+    """a + b; a: (B, na), b: (B, nb) digits, most significant first. la, lb: optional (B,) lengths per
+    row (row i adds the last la[i] digits of a to the last lb[i] of b): one call for mixed lengths.
 
-    Turing Program (a 2-head TM; letters = heads, token after '=' = carry state N/C, sum digits are
-    prepended behind the state; the last line replaces the state by the final carry):
+    Turing Program (a 2-head TM; a line = carry state N/C, the sum digits so far, '=', the operands with
+    the heads as letters; a head that has left its operand reads 0; the last line starts with the answer):
         <bos> 5 4 3 + 8 7 9 |
-        5 4 d + 8 7 j = N |            heads on the last column, carry 0, no output yet
-        5 e 3 + 8 h 9 = C 2 |          3+9+0 = 12: digit 2, carry 1, heads move left
-        f 4 3 + i 7 9 = C 2 2 |        4+7+1 = 12
-        5 4 3 + 8 7 9 = 1 4 2 2 <eos>  5+8+1 = 14; answer = 1422
-    "plain" scratchpad (no copying; each line: digits of one column, carry in, sum digit):
+        N = 5 4 d + 8 7 j |            carry 0, no output yet, heads on the last column
+        C 2 = 5 e 3 + 8 h 9 |          3+9+0 = 12: carry 1, digit 2 (read from the last line), heads move
+        C 2 2 = f 4 3 + i 7 9 |        4+7+1 = 12
+        1 4 2 2 = 5 4 3 + 8 7 9 <eos>  5+8+1 = 14; answer = 1422
+    The state and new digit come first, so they are written before this line has any head letters:
+    the only letters in the two-step context are then the ones they read.
+    "plain" (no copying; one column per line: digits, carry in, sum digit):
         <bos> 5 4 3 + 8 7 9 | 3 9 N 2 | 4 7 C 2 | 5 8 C 4 | = 1 4 2 2 <eos>
-    "none": <bos> 5 4 3 + 8 7 9 | = 1 4 2 2 <eos>
+    "none" (answer only): <bos> 5 4 3 + 8 7 9 | = 1 4 2 2 <eos>
     """
-    B, n = a.shape
-    carry, carries, sums = torch.zeros(B, dtype=torch.long), [], a.new_zeros(B, n + 1)
-    for k in range(n):                                     # schoolbook, right to left
+    B, N = len(a), max(a.shape[1], b.shape[1])
+    la = torch.full((B,), a.shape[1]) if la is None else la
+    lb = torch.full((B,), b.shape[1]) if lb is None else lb
+    j = torch.arange(N)
+    va, vb = j >= N - la[:, None], j >= N - lb[:, None]   # (B, N) which cells hold a digit
+    a = torch.cat([a.new_zeros(B, N - a.shape[1]), a], 1) * va
+    b = torch.cat([b.new_zeros(B, N - b.shape[1]), b], 1) * vb
+    K = torch.maximum(la, lb)[:, None]                     # (B, 1) steps of row i
+    carry, carries, sums = torch.zeros(B, dtype=torch.long), [], torch.zeros(B, N + 1, dtype=torch.long)
+    for k in range(N):                                     # schoolbook, right to left (column k)
         carries.append(carry)
-        t = a[:, n - 1 - k] + b[:, n - 1 - k] + carry      # s_k = (a_k + b_k + c_k) mod 10
-        sums[:, n - k], carry = t % 10, t // 10            # c_{k+1} = floor(. / 10)
-    sums[:, 0] = carry
-    pieces = [(BOS, PROMPT), (D0 + a, PROMPT), (PLUS, PROMPT), (D0 + b, PROMPT), (SEP, PROMPT)]
+        t = a[:, N - 1 - k] + b[:, N - 1 - k] + carry      # s_k = (a_k + b_k + c_k) mod 10
+        sums[:, N - k], carry = t % 10, t // 10            # c_{k+1} = floor(. / 10)
+    sums[:, 0] = carry                                     # row i's final carry sits in column K_i
+    pieces = [(BOS, PROMPT), (D0 + a, PROMPT, va), (PLUS, PROMPT), (D0 + b, PROMPT, vb), (SEP, PROMPT)]
     if fmt == "tp":
-        for k in range(n + 1):
-            (ta, ca), (tb, cb) = _marked(a, n - 1 - k), _marked(b, n - 1 - k)
-            pieces += [(ta, ca), (PLUS, COPY), (tb, cb), (EQ, COPY)]
-            state = NOC + (CAR - NOC) * carries[k] if k < n else D0 + sums[:, 0]
-            pieces.append((state[:, None], STATE))
+        for k in range(N + 1):
+            on, last = k <= K, k == K                      # (B, 1): row has a step k / it is its last
+            state = torch.where(last[:, 0], D0 + sums[:, N - k], NOC + (CAR - NOC) * carries[min(k, N - 1)])
+            pieces.append((state[:, None], STATE, on))
             if k:
-                pieces += [(D0 + sums[:, n + 1 - k:n + 2 - k], DIGIT), (D0 + sums[:, n + 2 - k:], COPY)]
-            pieces.append((EOS if k == n else SEP, COPY))
+                pieces += [(D0 + sums[:, N + 1 - k:N + 2 - k], DIGIT, on), (D0 + sums[:, N + 2 - k:], COPY, on)]
+            (ta, ca), (tb, cb) = _marked(a, N - 1 - k), _marked(b, N - 1 - k)
+            pieces += [(EQ, COPY, on), (ta, ca, va & on), (PLUS, COPY, on), (tb, cb, vb & on),
+                       (torch.where(last, EOS, SEP), COPY, on)]
     else:
         if fmt == "plain":
-            for k in range(n):
-                col = n - 1 - k
-                st = NOC + (CAR - NOC) * carries[k]
-                pieces += [(D0 + a[:, col:col + 1], COPY), (D0 + b[:, col:col + 1], COPY), (st[:, None], STATE),
-                           (D0 + sums[:, col + 1:col + 2], DIGIT), (SEP, COPY)]
-        pieces += [(EQ, COPY), (D0 + sums, DIGIT), (EOS, COPY)]
+            for k in range(N):
+                on, st = k < K, NOC + (CAR - NOC) * carries[k]
+                pieces += [(D0 + a[:, N - 1 - k:N - k], COPY, on), (D0 + b[:, N - 1 - k:N - k], COPY, on),
+                           (st[:, None], STATE, on), (D0 + sums[:, N - k:N + 1 - k], DIGIT, on), (SEP, COPY, on)]
+        pieces += [(EQ, COPY), (D0 + sums, DIGIT, torch.arange(N + 1) >= N - K), (EOS, COPY)]
     return _assemble(pieces, B)
 
 
 def mul1(a, d) -> Seqs:
-    """n x 1 multiplication; a: (B, n) digits, d: (B, 1). State = '#' + carry digit 0..8.
-        <bos> 4 7 2 9 * 8 | 4 7 2 j * 8 = # 0 | 4 7 c 9 * 8 = # 7 2 | 4 h 2 9 * 8 = # 2 3 2 |
-        e 7 2 9 * 8 = # 5 8 3 2 | 4 7 2 9 * 8 = 3 7 8 3 2 <eos>
+    """n x 1 multiplication; a: (B, n) digits, d: (B, 1). State = '#' + carry digit 0..8; same layout
+    as addition's:
+        <bos> 4 7 2 9 * 8 | # 0 = 4 7 2 j * 8 | # 7 2 = 4 7 c 9 * 8 | # 2 3 2 = 4 h 2 9 * 8 |
+        # 5 8 3 2 = e 7 2 9 * 8 | 3 7 8 3 2 = 4 7 2 9 * 8 <eos>
     """
     B, n = a.shape
     carry, carries, prod = torch.zeros(B, dtype=torch.long), [], a.new_zeros(B, n + 1)
@@ -240,15 +254,14 @@ def mul1(a, d) -> Seqs:
     prod[:, 0] = carry
     pieces = [(BOS, PROMPT), (D0 + a, PROMPT), (TIMES, PROMPT), (D0 + d, PROMPT), (SEP, PROMPT)]
     for k in range(n + 1):
-        ta, ca = _marked(a, n - 1 - k)
-        pieces += [(ta, ca), (TIMES, COPY), (D0 + d, COPY), (EQ, COPY)]
         if k < n:
             pieces += [(HASH, COPY), ((D0 + carries[k])[:, None], STATE)]
         else:
             pieces.append(((D0 + prod[:, 0])[:, None], STATE))
         if k:
             pieces += [(D0 + prod[:, n + 1 - k:n + 2 - k], DIGIT), (D0 + prod[:, n + 2 - k:], COPY)]
-        pieces.append((EOS if k == n else SEP, COPY))
+        ta, ca = _marked(a, n - 1 - k)
+        pieces += [(EQ, COPY), (ta, ca), (TIMES, COPY), (D0 + d, COPY), (EOS if k == n else SEP, COPY)]
     return _assemble(pieces, B)
 
 
@@ -258,8 +271,7 @@ def mulm(a, b) -> Seqs:
         <bos> 4 7 * 2 3 | 4 h * 2 d = # 0 0 0 0 a | e 7 * 2 d = # 2 0 0 a 1 | 4 7 * 2 d = # 1 0 a 4 1 |
         4 h * c 3 = # 0 0 1 e 1 | e 7 * c 3 = # 1 0 b 8 1 | 4 7 * c 3 = # 1 a 0 8 1 | 4 7 * 2 3 = 1 0 8 1 <eos>
     """
-    B, n = a.shape
-    m = b.shape[1]
+    (B, n), m = a.shape, b.shape[1]
     acc, carry, written = a.new_zeros(B, n + m), torch.zeros(B, dtype=torch.long), -1
     pieces = [(BOS, PROMPT), (D0 + a, PROMPT), (TIMES, PROMPT), (D0 + b, PROMPT), (SEP, PROMPT)]
 
@@ -303,8 +315,8 @@ class TM:
         self.next_q, self.write, self.move = d[..., 0], d[..., 1], d[..., 2]
 
     @classmethod
-    def random(cls, n_states, n_syms, rng: random.Random):
-        """Every (q, s): q' uniform in Q, s' uniform in the non-blank symbols, move uniform in {L, R}."""
+    def random(cls, n_states, n_syms, rng):
+        """rng: a random.Random. Every (q, s): q' uniform, s' uniform non-blank, move uniform in {L, R}."""
         return cls([[(rng.randrange(n_states), rng.randrange(1, n_syms), rng.choice((-1, 1)))
                      for _ in range(n_syms)] for _ in range(n_states)])
 
@@ -324,8 +336,7 @@ class TM:
         """Batched simulator. inp: (B, n) symbols. Returns states, heads (B, steps+1), tapes
         (B, steps+1, width) and tape lengths (B, steps+1)."""
         B, n = inp.shape
-        width = max(n, steps + 1)
-        tape = torch.zeros(B, width, dtype=torch.long)
+        tape = torch.zeros(B, max(n, steps + 1), dtype=torch.long)
         tape[:, :n] = inp
         q, h, ln = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.full((B,), n)
         ar = torch.arange(B)
@@ -348,7 +359,7 @@ def random_tm(tm: TM, inp) -> Seqs:
     qs, hs, tapes, lens = tm.run_batch(inp, n)
     width = tapes.shape[2]
     j = torch.arange(width + 1)
-    toks, cats, valids = [], [], []
+    pieces = [(BOS, PROMPT), (S0 + inp, PROMPT), (SEP, PROMPT)]
     for t in range(n + 1):
         h, tape = hs[:, t:t + 1], tapes[:, t]
         cell = torch.where(j < h, j, j - 1).clamp(0, width - 1)   # token j shows cell j (left of head) or j-1
@@ -356,49 +367,52 @@ def random_tm(tm: TM, inp) -> Seqs:
         cat = torch.where(j == h, STATE, COPY)
         if t:                                              # the cell written by the previous step
             hp = hs[:, t - 1:t]
-            wpos = torch.where(hp < h, hp, hp + 1)
-            cat = torch.where(j == wpos, DIGIT, cat)
-        valid = j <= lens[:, t:t + 1]
-        end = torch.full((B, 1), EOS if t == n else SEP)
-        toks += [tok, end]
-        cats += [cat, torch.full((B, 1), COPY)]
-        valids += [valid, torch.ones(B, 1, dtype=torch.bool)]
-    prompt = torch.cat([torch.full((B, 1), BOS), S0 + inp, torch.full((B, 1), SEP)], 1)
-    tok = torch.cat([prompt] + toks, 1)
-    cat = torch.cat([torch.full_like(prompt, PROMPT)] + cats, 1)
-    valid = torch.cat([torch.ones_like(prompt, dtype=torch.bool)] + valids, 1)
-    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # left-pack the real tokens
-    L = int(valid.sum(1).max())
-    tok, cat, valid = (x.gather(1, order[:, :L]) for x in (tok, cat, valid))
-    return Seqs(tok.masked_fill(~valid, PAD), cat.masked_fill(~valid, PROMPT).to(torch.int8), valid)
+            cat = torch.where(j == torch.where(hp < h, hp, hp + 1), DIGIT, cat)
+        pieces += [(tok, cat, j <= lens[:, t:t + 1]), (EOS if t == n else SEP, COPY)]
+    return _assemble(pieces, B)
 
 
-def make_task(cfg: Config):
-    """Returns sample(n, count, gen) -> Seqs for the configured task and format."""
-    tm = None
-    if cfg.task.startswith("rtm"):
-        tm = TM.random(4, 3 if cfg.task == "rtm" else 8, random.Random(cfg.rtm_seed))
+class Task:
+    """The configured task: lengths(count, lo, hi, gen) -> (count, k) operand lengths (addition draws
+    each operand's length independently, as the paper does); sample(lens, count, gen, fmt) -> Seqs."""
 
-    def sample(n, count, gen, fmt="tp"):
-        dig = lambda k: torch.randint(0, 10, (count, k), generator=gen)
-        if cfg.task == "add":
-            return addition(dig(n), dig(n), fmt)
-        if cfg.task == "mul1":
-            return mul1(dig(n), dig(1))
-        if cfg.task == "mulm":
-            return mulm(dig(n), dig(cfg.mul_m))
-        return random_tm(tm, torch.randint(1, tm.n_syms, (count, n), generator=gen))
-    return sample
+    def __init__(self, name, mul_m=3, rtm_seed=12345):
+        self.name, self.mul_m = name, mul_m
+        self.tm = TM.random(4, 3 if name == "rtm" else 8, random.Random(rtm_seed)) if name.startswith("rtm") else None
+
+    def lengths(self, count, lo, hi, gen):
+        return torch.randint(lo, hi + 1, (count, 2 if self.name == "add" else 1), generator=gen)
+
+    def at(self, n):                                       # the test case "length n": both operands n digits
+        return (n, n) if self.name == "add" else (n,)
+
+    def sample(self, lens, gen, fmt="tp") -> Seqs:
+        """lens: (count, k) operand lengths, one row per program."""
+        dig = lambda count, k: torch.randint(0, 10, (count, k), generator=gen)
+        if self.name == "add":                             # mixed lengths in one batched call
+            N = int(lens.max())
+            return addition(dig(len(lens), N), dig(len(lens), N), fmt, lens[:, 0], lens[:, 1])
+        out = []
+        for n in lens[:, 0].unique().tolist():             # one group per length
+            count = int((lens[:, 0] == n).sum())
+            if self.name == "mul1":
+                out.append(mul1(dig(count, n), dig(count, 1)))
+            elif self.name == "mulm":
+                out.append(mulm(dig(count, n), dig(count, self.mul_m)))
+            else:
+                out.append(random_tm(self.tm, torch.randint(1, self.tm.n_syms, (count, n), generator=gen)))
+        return _concat(out)
 
 
 def parse_answer(tokens) -> str:
-    """The answer of a trace (token strings or ids): the digits after the last '=' up to <eos>
-    (arithmetic), or the last configuration (random TMs)."""
+    """The answer of a trace (token strings or ids): in the last line, the side of '=' without an
+    operator (arithmetic), or the whole last configuration (random TMs)."""
     toks = [VOCAB[t] if isinstance(t, int) else t for t in tokens]
     toks = toks[:toks.index("<eos>")] if "<eos>" in toks else toks
-    if "=" in toks:
-        return "".join(toks[len(toks) - toks[::-1].index("="):])
     last = toks[len(toks) - toks[::-1].index("|"):] if "|" in toks else toks
+    if "=" in last:
+        left, right = last[:last.index("=")], last[last.index("=") + 1:]
+        return "".join(right if "+" in left or "*" in left or not left else left)
     return " ".join(last)
 
 
@@ -407,13 +421,7 @@ def parse_configs(tokens):
     toks = [VOCAB[t] if isinstance(t, int) else t for t in tokens]
     toks = [t for t in toks if t not in ("<bos>", "<pad>")]
     toks = toks[:toks.index("<eos>")] if "<eos>" in toks else toks
-    lines, line = [], []
-    for t in toks + ["|"]:
-        if t == "|":
-            lines.append(line)
-            line = []
-        else:
-            line.append(t)
+    lines = [line.split() for line in " ".join(toks).split("|")]
     confs = []
     for line in lines[1:]:                                 # lines[0] is the prompt
         h = next(i for i, t in enumerate(line) if t[0] == "Q")
@@ -421,55 +429,115 @@ def parse_configs(tokens):
     return confs
 
 
-def stream_batch(sample, fmt, B, T, lo, hi, gen):
-    """B training rows of T+1 tokens. Samples with n ~ U{lo..hi} are packed into one stream; row i
-    starts at a uniformly random token of sample i (so late lines of long programs are trained and
-    windows start mid-sequence, as at test time) and runs on into the following samples.
-    Returns x, y (B, T) and the loss mask (B, T): 1 where the target is a program token."""
-    ns = torch.randint(lo, hi + 1, (B + 8,), generator=gen)
-    while True:
-        groups = {n: sample(n, int((ns == n).sum()), gen, fmt) for n in ns.unique().tolist()}
-        Lmax = max(s.tok.shape[1] for s in groups.values())
-        tok = torch.full((len(ns), Lmax), PAD)
-        cat = torch.full((len(ns), Lmax), PROMPT, dtype=torch.int8)
-        valid = torch.zeros(len(ns), Lmax, dtype=torch.bool)
-        for n, s in groups.items():                       # scatter each length group into pool order
-            rows = (ns == n).nonzero()[:, 0]
-            L = s.tok.shape[1]
-            tok[rows, :L], cat[rows, :L], valid[rows, :L] = s.tok, s.cat, s.valid
-        lens = valid.sum(1)
-        if int(lens[B:].sum()) >= T + 1:
+def step_ids(tok):
+    """(B, T) index of the step (line) of every token: a step starts at each '|' (which predicts the
+    step's first token, so it belongs to it) and at <bos> (a new program)."""
+    return ((tok == SEP) | (tok == BOS)).long().cumsum(1)
+
+
+def step_mask(tok):
+    """(B, T, T) bool, True where query i may attend to key j: j lies in i's step or the step before
+    (causality is added by the attention itself). The prompt is the first step of a program."""
+    ids = step_ids(tok)
+    d = ids[:, :, None] - ids[:, None, :]
+    return (d == 0) | (d == 1)
+
+
+def stream_batch(task, fmt, B, T, lo, hi, gen, line_starts=False):
+    """B training rows of T+1 tokens. Programs with lengths drawn by task.lengths are packed into one
+    stream; row i starts inside program i (so late lines of long programs are trained) and runs on into
+    the following programs: at a uniformly random token (windows start mid-sequence, as at test time),
+    or with line_starts at a random step start ('|' or <bos>). Returns x, y (B, T) and the loss mask
+    (B, T): 1 where the target is a program token (with line_starts: and x's step is not the row's
+    first, which misses the step before it)."""
+    lens = task.lengths(B + 8, lo, hi, gen)
+    while True:                                           # enough programs behind the first B?
+        tok, cat, valid = task.sample(lens, gen, fmt)
+        n_tok = valid.sum(1)
+        if int(n_tok[B:].sum()) >= T + 1:
             break
-        ns = torch.cat([ns, torch.randint(lo, hi + 1, (B,), generator=gen)])
-    stream, scat = tok[valid], cat[valid]                 # row-major: samples one after another
-    starts = lens.cumsum(0) - lens
-    off = starts[:B] + (torch.rand(B, generator=gen) * lens[:B]).long()
+        lens = torch.cat([lens, task.lengths(B, lo, hi, gen)])
+    stream, scat = tok[valid], cat[valid]                 # row-major: programs one after another
+    starts = n_tok.cumsum(0) - n_tok
+    off = starts[:B] + (torch.rand(B, generator=gen) * n_tok[:B]).long()
+    if line_starts:                                       # move each offset back to the start of its step
+        is_start = (stream == SEP) | (stream == BOS)
+        off = torch.where(is_start, torch.arange(len(stream)), 0).cummax(0).values[off]
     idx = off[:, None] + torch.arange(T + 1)              # (B, T+1)
     rows, rcat = stream[idx], scat[idx]
-    return rows[:, :-1], rows[:, 1:], (rcat[:, 1:] >= 0).float()
+    mask = (rcat[:, 1:] >= 0).float()
+    if line_starts:
+        ids = step_ids(rows[:, :-1])
+        mask = mask * (ids > ids[:, :1])
+    return rows[:, :-1], rows[:, 1:], mask
 
 # -----------------------------------------------------------------------------
-# Model (common.GPT with the positional scheme by name) and the sliding-window evaluation
+# Model: common.GPT with the positional scheme by name (Hard-ALiBi: heads 1..H/2 see their last
+# 1..H/2 tokens, the others are NoPE, as in the official hard_alibi_model.py)
 
 
 def build_model(cfg: Config, pos: str) -> common.GPT:
     gcfg = common.GPTConfig(vocab_size=len(VOCAB), block_size=cfg.block, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, n_embd=cfg.n_embd, pos=POS[pos],
-                            hard_windows=cfg.hard_windows if pos == "hard_alibi" else (),
-                            tie_weights=cfg.init != "untied")
+                            n_head=cfg.n_head, n_embd=cfg.n_embd, pos=pos, tie_weights=False,
+                            hard_windows=cfg.hard_windows if pos == "hard_alibi" else (), init=cfg.init)
     model = common.GPT(gcfg)
-    if cfg.init != "gpt2":  # spec: std-0.02 init made d=64 models learn ~3x slower than this
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear) and (mod is not model.lm_head or cfg.init == "untied"):
-                mod.reset_parameters()
+    if cfg.init == "fan_in":  # a unit-scale embedding: std 0.02 made d=64 models learn ~3x slower
         nn.init.normal_(model.wte.weight, 0.0, 1.0)
     return model
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+
+def train(model, cfg: Config, get_batch, desc="train", eval_fn=None):
+    """AdamW, warmup + cosine; next-token loss on program tokens only (the prompt is random);
+    the global batch is split over torchrun ranks (token-weighted loss)."""
+    device = torch.device(cfg.device)
+    opt = common.configure_adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, cfg.beta2))
+    fwd = common.wrap_ddp(model, device)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    hist, t0 = {"step": [], "loss": [], "eval_step": [], "eval_tok": []}, time.time()
+    bar = common.progress(range(cfg.steps), desc)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = common.lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        x, y, mask = common.shard(*get_batch(step))       # this rank's rows of the global batch
+        amask = step_mask(x) if cfg.context == "steps" else None  # attend to this step and the last
+        with common.autocast(device):
+            logits = fwd(x, attn_mask=amask)[0]
+            loss = common.token_mean(*common.cross_entropy_sum(logits, y, mask))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            hist["step"].append(step)
+            hist["loss"].append(common.global_mean(loss))
+            bar.set_postfix_str(common.step_log(step + 1, cfg.steps, t0, loss=hist["loss"][-1]))
+        if eval_fn and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and common.is_main():
+            hist["eval_step"].append(step + 1)            # rank 0 evaluates; nothing depends on it
+            hist["eval_tok"].append(eval_fn(model))
+            model.train()
+    hist["time_s"] = time.time() - t0
+    return hist
+
+# -----------------------------------------------------------------------------
+# Evaluation: exact match of the whole program under the test-time context
+
+
+@torch.no_grad()
+def predict(model, idx, W):
+    """Teacher-forced argmax at every position of idx (B, L). W = 0: the step context (one forward with
+    step_mask); W > 0: the paper's token window (strided_argmax). Either equals greedy decoding."""
+    if W == 0:
+        return model(idx, attn_mask=step_mask(idx))[0].argmax(-1)
+    return strided_argmax(model, idx, W)
 
 
 def crop_start(t: int, W: int) -> int:
     """First context token for predicting after position t: greedy decoding that keeps at most W tokens
-    and drops the oldest W/2 whenever the context is full (W = 0: never drop)."""
-    if W <= 0 or t < W:
+    and drops the oldest W/2 whenever the context is full."""
+    if t < W:
         return 0
     S = W // 2
     return (t // S - 1) * S
@@ -477,10 +545,11 @@ def crop_start(t: int, W: int) -> int:
 
 @torch.no_grad()
 def strided_argmax(model, idx, W):
-    """Teacher-forced argmax at every position t of idx (B, L), each seeing tokens [crop_start(t), t].
-    Window [s, s+W) serves positions [s+W/2, s+W): about 2 forwards per W tokens."""
+    """Teacher-forced argmax at every position t of idx (B, L), each seeing tokens [crop_start(t, W), t].
+    Window [s, s+W) serves positions [s+W/2, s+W): about 2 forwards per W tokens. For a deterministic
+    target this is exactly greedy decoding with that window (all right <=> the decoded program is right)."""
     B, L = idx.shape
-    if W <= 0 or L <= W:
+    if L <= W:
         return model(idx)[0].argmax(-1)
     S = W // 2
     out = torch.empty(B, L, dtype=torch.long, device=idx.device)
@@ -495,164 +564,162 @@ def strided_argmax(model, idx, W):
 
 @torch.no_grad()
 def greedy_decode(model, prompt, new_tokens, W):
-    """Plain greedy decoding with the same cropping rule (reference for the tests). prompt: (B, P)."""
-    idx = prompt
+    """Plain greedy decoding (the reference of the tests). prompt: (B, P). W > 0: crop to the token
+    window and re-encode; W = 0: the step context, one token at a time with a KV cache."""
+    idx, cache = prompt, model.new_cache()
+    logits = model(idx, attn_mask=step_mask(idx), cache=cache)[0] if W == 0 else None
     for _ in range(new_tokens):
-        t = idx.shape[1] - 1
-        nxt = model(idx[:, crop_start(t, W):])[0][:, -1].argmax(-1)
+        if W:
+            logits = model(idx[:, crop_start(idx.shape[1] - 1, W):])[0]
+        nxt = logits[:, -1].argmax(-1)
         idx = torch.cat([idx, nxt[:, None]], 1)
+        if W == 0:                                        # the new token's row of the step mask
+            logits = model(idx[:, -1:], attn_mask=step_mask(idx)[:, -1:], cache=cache)[0]
     return idx
 
 
+def score(pred, s: Seqs) -> dict:
+    """[right, total] counts for one batch: whole programs ("exact"), program tokens ("tok") and tokens
+    of each category. pred: (B, L) argmax at every position (pred[:, t] predicts token t+1)."""
+    tgt, cat = s.tok[:, 1:], s.cat[:, 1:].long()
+    scored = cat >= 0                                     # program tokens (pads and prompt are -1)
+    ok = (pred[:, :-1].cpu() == tgt) | ~scored
+    out = {"exact": [int(ok.all(1).sum()), len(tgt)], "tok": [int((ok & scored).sum()), int(scored.sum())]}
+    for c, name in enumerate(CATS):
+        out[name] = [int((ok & (cat == c)).sum()), int((cat == c).sum())]
+    return out
+
+
 @torch.no_grad()
-def evaluate(model, sample, fmt, n, num, W, device, seed, bs=50) -> dict:
-    """Exact match of the whole program (teacher-forced == greedy, see strided_argmax) and per-token
-    accuracy, overall and by category, on `num` fresh samples of length n."""
+def evaluate(model, task, fmt, lens, W, device, seed, bs=50) -> dict:
+    """Exact match of the whole program and per-token accuracy (overall and by category) on fresh
+    programs; lens: (num, k) operand lengths, one row per program."""
     gen = torch.Generator().manual_seed(seed)
-    exact, hits, tot = 0, torch.zeros(5), torch.zeros(5)
     model.eval()
-    for start in range(0, num, bs):
-        s = sample(n, min(bs, num - start), gen, fmt)
-        idx = s.tok.to(device)
+    lens = lens[torch.argsort(lens.sum(1), stable=True)]  # similar lengths share a batch (less padding)
+    tot = {name: [0, 0] for name in ("exact", "tok") + CATS}
+    for chunk in lens.split(bs):
+        s = task.sample(chunk, gen, fmt)
+        rows = max(1, int(2e8 // s.tok.shape[1] ** 2))     # the (rows, H, L, L) attention bias must fit
         with common.autocast(device):
-            pred = strided_argmax(model, idx, W)[:, :-1].cpu()
-        tgt, cat = s.tok[:, 1:], s.cat[:, 1:].long()
-        scored = cat >= 0                                 # program tokens (pads and prompt are -1)
-        ok = (pred == tgt) | ~scored
-        exact += int(ok.all(1).sum())
-        for c in range(4):
-            m = cat == c
-            hits[c] += (ok & m).sum()
-            tot[c] += m.sum()
-        hits[4] += (ok & scored).sum()
-        tot[4] += scored.sum()
-    res = {"exact": exact / num, "tok": float(hits[4] / tot[4])}
-    res.update({CATS[c]: float(hits[c] / tot[c]) for c in range(4) if tot[c] > 0})
-    return res
+            pred = torch.cat([predict(model, t.to(device), W) for t in s.tok.split(rows)])
+        part = score(pred, s)
+        for name, (right, total) in part.items():
+            tot[name][0] += right
+            tot[name][1] += total
+    return {name: right / total for name, (right, total) in tot.items() if total}
 
 # -----------------------------------------------------------------------------
-# Experiment
+# Experiments
 
 
-def train_one(cfg: Config, fmt: str, pos: str, sample, device):
+def train_and_test(cfg: Config, task: Task, fmt: str, pos: str) -> tuple[dict, dict]:
+    """Train one model on `fmt` programs with positional scheme `pos`; test it in distribution and at
+    every eval length. Every run of a seed sees the same data stream."""
+    device = torch.device(cfg.device)
     common.set_seed(cfg.seed)
     model = build_model(cfg, pos).to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)         # same data stream for every run
-    buf = []
+    gen, buf = torch.Generator().manual_seed(cfg.seed), []
 
-    def get_batch(step):  # generate 16 batches at once: the per-line Python loop is then amortized
+    def get_batch(step):  # 16 batches at a time: the per-line Python loop is then amortized
         if not buf:
             B = cfg.batch_size
-            x, y, mask = stream_batch(sample, fmt, 16 * B, cfg.block, cfg.train_min, cfg.train_max, gen)
+            x, y, mask = stream_batch(task, fmt, 16 * B, cfg.block, cfg.train_min, cfg.train_max, gen,
+                                      line_starts=cfg.context == "steps")
             buf.extend(zip(x.split(B), y.split(B), mask.split(B)))
         return tuple(t.to(device, non_blocking=True) for t in buf.pop(0))
 
-    def eval_fn(m, step):
-        r = evaluate(m, sample, fmt, cfg.train_max, 32, cfg.window, device, seed=cfg.seed + 999)
-        return {"tok": r["tok"], "exact": r["exact"]}
-
-    hist = common.train(model, get_batch, steps=cfg.steps, lr=cfg.lr, device=device, warmup=cfg.warmup,
-                        weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2), grad_clip=1.0,
-                        eval_fn=eval_fn if cfg.eval_every else None, eval_every=cfg.eval_every,
-                        compile=cfg.compile, desc=f"{fmt}/{pos}", log_every=10)
-    return model, hist
-
-
-def run_seed(cfg: Config, history: dict) -> dict:
-    device = torch.device(cfg.device)
-    sample = make_task(cfg)
-    metrics = {}
-    for r in cfg.runs:
-        fmt, _, pos = r.partition(":")
-        t0 = time.time()
-        model, hist = train_one(cfg, fmt, pos, sample, device)
-        key = f"{cfg.task}/{fmt}/{pos}"
-        metrics[f"params/{key}"] = common.count_params(model)
-        metrics[f"ms_per_step/{key}"] = 1000 * hist["time_s"] / cfg.steps   # incl. progress evals
-        tail = [l for s, l in zip(hist["step"], hist["loss"]) if s >= cfg.steps - max(1, cfg.steps // 10)]
-        metrics[f"final_loss/{key}"] = sum(tail) / len(tail)        # mean over the last 10% of steps
-        curve = [(s, e["tok"]) for s, e in hist["eval"]]
-        metrics[f"steps_to_tok90/{key}"] = next((s for s, v in curve if v >= 0.9), None)
-        gen90 = None
-        for n in cfg.eval_lens:
-            res = evaluate(model, sample, fmt, n, cfg.eval_samples, cfg.window, device, seed=cfg.seed + 1000 + n)
-            metrics[f"acc/{key}/L{n}"] = res["exact"]
-            metrics[f"tok_all/{key}/L{n}"] = res["tok"]
-            if fmt == "tp":
-                for c in CATS:
-                    if c in res:
-                        metrics[f"token_acc/{cfg.task}/{pos}/L{n}/{c}"] = res[c]
-            if gen90 is None and res["exact"] < 0.9:
-                gen90 = n
-        metrics[f"gen_len90/{key}"] = gen90   # None: exact match >= 90% at every tested length
-        metrics[f"time_s/{key}"] = time.time() - t0
-        history[key] = {"step": hist["step"], "loss": hist["loss"], "eval_step": [s for s, _ in curve],
-                        "eval_tok": [v for _, v in curve]}
-    return metrics
-
-
-# The paper's numbers (Table/Figure values quoted by a third-party summary; not checked against the
-# PDF body: printed as "unverified"). Train up to 50 digits, test at 100 (2x).
-PAPER = {("add", "tp", "hard_alibi"): "98% exact @2x (50->100 digits), unverified",
-         ("mul1", "tp", "hard_alibi"): "97% exact @2x (50->100), unverified",
-         ("mulm", "tp", "hard_alibi"): "97% exact @2x (n x 3, 50->100), unverified",
-         ("rtm", "tp", "hard_alibi"): "near-perfect @~2x (qualitative, recalled)",
-         ("rtm8", "tp", "hard_alibi"): "near-perfect @~2x (qualitative, recalled)"}
-
-
-def report(cfg: Config, m: dict):
-    lens = cfg.eval_lens
-    rows = []
-    for r in cfg.runs:
-        fmt, _, pos = r.partition(":")
-        key = f"{cfg.task}/{fmt}/{pos}"
-        cells = [f"{m[f'acc/{key}/L{n}']:.2f}/{m[f'tok_all/{key}/L{n}']:.3f}" for n in lens]
-        g90 = m[f"gen_len90/{key}"]
-        rows.append([fmt, pos, m[f"final_loss/{key}"], m[f"steps_to_tok90/{key}"] or f">{cfg.steps}"] + cells
-                    + ["-" if g90 is None else g90,
-                       PAPER.get((cfg.task, fmt, pos), "worse LG (qualitative, unverified)" if fmt == "tp" else "-")])
-    heads = ["format", "pos", "loss", "steps->tok90"] + [f"n={n}{'*' if n <= cfg.train_max else ''}" for n in lens]
-    common.print_table(rows, heads + ["gen_len90", "paper"],
-                       title=f"{cfg.task}: exact match / per-token accuracy (window {cfg.window or 'full'}, "
-                             f"{cfg.eval_samples} samples; * = inside training range {cfg.train_min}..{cfg.train_max})")
-    cat_rows = []
-    for r in cfg.runs:
-        fmt, _, pos = r.partition(":")
-        if fmt != "tp":
-            continue
+    in_dist = task.lengths(cfg.eval_samples, cfg.train_min, cfg.train_max, torch.Generator().manual_seed(cfg.seed + 7))
+    W = 0 if cfg.context == "steps" else cfg.window
+    eval_fn = lambda m: evaluate(m, task, fmt, in_dist[:32], W, device, seed=cfg.seed + 999)["tok"]
+    hist = train(model, cfg, get_batch, desc=f"{fmt}/{pos}", eval_fn=eval_fn)
+    m, key = {}, (task.name, fmt, pos)
+    if not common.is_main():
+        return m, hist
+    res = evaluate(model, task, fmt, in_dist, W, device, seed=cfg.seed + 1000)
+    m[common.mkey("exact_in_dist", *key)] = res["exact"]
+    m[common.mkey("token_acc_in_dist", *key)] = res["tok"]
+    for n in cfg.eval_lens:
+        lens = torch.tensor([task.at(n)] * cfg.eval_samples)
+        res = evaluate(model, task, fmt, lens, W, device, seed=cfg.seed + 1000 + n)
+        m[common.mkey("exact", *key, f"L{n}")] = res["exact"]
+        m[common.mkey("token_acc", *key, f"L{n}")] = res["tok"]
         for c in CATS:
-            k = [f"token_acc/{cfg.task}/{pos}/L{n}/{c}" for n in lens]
-            if k[0] in m:
-                cat_rows.append([pos, c] + [m[x] for x in k])
-    if cat_rows:
-        common.print_table(cat_rows, ["pos", "category"] + [f"n={n}" for n in lens],
-                           title="per-token accuracy of the Turing Program by category")
+            if c in res and fmt == "tp":
+                m[common.mkey("token_acc", *key, f"L{n}", c)] = res[c]
+    tail = hist["loss"][-max(1, len(hist["loss"]) // 10):]
+    m[common.mkey("final_loss", *key)] = sum(tail) / len(tail)  # mean over the last 10% of records
+    m[common.mkey("params", *key)] = common.count_params(model)
+    return m, hist
 
 
-def run(cfg: Config) -> dict:
-    common.set_threads(cfg.threads, cfg.device)
+def exp_runs(cfg: Config) -> tuple[dict, dict, dict]:
+    """Every format:pos of --runs on the same task and data: Hard-ALiBi vs other positional schemes
+    (TP format), and the scratchpad ablation (the same Hard-ALiBi model on plain / answer-only data)."""
+    task = Task(cfg.task, cfg.mul_m, cfg.rtm_seed)
+    metrics, history, timings = {}, {}, {}
+    for r in cfg.runs:
+        fmt, _, pos = r.partition(":")
+        m, hist = train_and_test(cfg, task, fmt, pos)
+        metrics.update(m)
+        timings[r] = hist.pop("time_s")
+        history[r] = hist
+        common.save_results(NAME, cfg, metrics, partial=True)
+    return metrics, history, timings
+
+
+def run_seed(cfg: Config):
+    metrics, history, timings = exp_runs(cfg)
+    return metrics, {"history": history, "timings": timings}
+
+
+PAPER = {"add": "98% exact at 2x (50 -> 100 digits)", "mul1": "97% exact at 2x", "mulm": "97% exact at 2x",
+         "rtm": "near-perfect at ~2x", "rtm8": "near-perfect at ~2x"}
+
+
+def run(cfg: Config):
     t0 = time.time()
-    history = {}
-    metrics = common.over_seeds(cfg, lambda c: run_seed(c, history))
+    runs = common.over_seeds(cfg, run_seed, NAME)
     wall = time.time() - t0
-    report(cfg, metrics)
+    if not common.is_main():                               # rank 0 evaluates, prints and writes
+        return runs
+    lens = list(cfg.eval_lens)
+    rows, cat_rows = [], []
+    for r in cfg.runs:
+        fmt, _, pos = r.partition(":")
+        key = (cfg.task, fmt, pos)
+        rows.append([fmt, pos, runs.cell(common.mkey("exact_in_dist", *key))]
+                    + [runs.cell(common.mkey("exact", *key, f"L{n}")) for n in lens]
+                    + [runs.cell(common.mkey("token_acc", *key, f"L{n}")) for n in lens]
+                    + [PAPER[cfg.task] if r == "tp:hard_alibi" else "-"])
+        if fmt == "tp":
+            cat_rows += [[pos, c] + [runs.cell(common.mkey("token_acc", *key, f"L{n}", c)) for n in lens] for c in CATS]
+    common.print_table(rows, ["format", "pos", f"exact in dist ({cfg.train_min}..{cfg.train_max})"]
+                       + [f"exact n={n}" for n in lens] + [f"token n={n}" for n in lens] + ["paper (tp:hard_alibi)"],
+                       title=f"{cfg.task}: exact match of the whole program / per-token accuracy "
+                             f"({len(runs.seeds)} seed(s), {cfg.eval_samples} programs per cell, context "
+                             f"{cfg.context if cfg.context == 'steps' else f'{cfg.window} tokens'})")
+    common.print_table(cat_rows, ["pos", "category"] + [f"n={n}" for n in lens],
+                       title="Turing Program per-token accuracy by category")
+    extra = runs.extras[0]
+    common.save_results(NAME, cfg, runs, history=extra["history"], timings=extra["timings"], wall_time_s=wall,
+                        info={"runs": list(cfg.runs), "paper": PAPER[cfg.task]})
+    curves = {}
+    for r in cfg.runs:
+        fmt, _, pos = r.partition(":")
+        keys = [common.mkey("exact", cfg.task, fmt, pos, f"L{n}") for n in lens]
+        curves[r] = (lens, [runs.mean[k] for k in keys], [runs.std[k] for k in keys] if runs.std else None)
+    common.plot(NAME, curves, out_dir=cfg.out, xlabel="n (digits per operand / tape length)",
+                ylabel="exact match of the whole program", title=f"Turing Programs, {cfg.task}",
+                shade=(cfg.train_min, cfg.train_max))
     print(f"wall time {wall:.0f} s")
-    common.save_results("turing_programs", cfg, metrics, history, wall)
-    shade = (cfg.train_min, cfg.train_max)
-    for name, metric, ylabel in (("turing_programs", "acc", "exact match of the whole program"),
-                                 ("turing_programs_tokens", "tok_all", "per-token accuracy")):
-        curves = {}
-        for r in cfg.runs:
-            fmt, _, pos = r.partition(":")
-            curves[f"{fmt} / {pos}"] = (list(cfg.eval_lens),
-                                        [metrics[f"{metric}/{cfg.task}/{fmt}/{pos}/L{n}"] for n in cfg.eval_lens])
-        common.plot(name, curves, out_dir=cfg.out, xlabel="n (digits / tape length)", ylabel=ylabel,
-                    title=f"Turing Programs, {cfg.task}: accuracy vs length", shade=shade)
-    return metrics
+    return runs
 
 
 def main():
-    run(common.parse_args(Config, PRESETS))
+    cfg = common.parse_args(Config, PRESETS)
+    with common.session(cfg):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ paper's Table 1/2 numbers (not verified: only its claims are quoted).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -233,13 +231,9 @@ def parse_sentence(words: list):
 
 
 def split_sentences(words: list) -> list:
-    out, cur = [], []
-    for w in words:
-        cur.append(w)
-        if w == ".":
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])  # an unfinished tail counts as a (bad) sentence
+    """Split after every '.'; an unfinished tail counts as a (bad) sentence."""
+    ends = [i + 1 for i, w in enumerate(words) if w == "."]
+    return [words[a:b] for a, b in zip([0] + ends, ends + [len(words)]) if b > a]
 
 
 def check(words: list) -> tuple:
@@ -284,10 +278,8 @@ def load_text(path: str, vocab: int, max_len: int):
     keep = words[np.argsort(-counts, kind="stable")][:vocab]
     itos = ["<pad>", "<bos>", "<unk>"] + sorted(keep.tolist())
     stoi = {w: i for i, w in enumerate(itos)}
-    out = torch.zeros(len(docs), max(len(d) for d in docs), dtype=torch.long)
-    for i, d in enumerate(docs):  # reading a file once, not a training-path loop
-        out[i, :len(d)] = torch.tensor([stoi.get(w, 2) for w in d])
-    return out, torch.tensor([len(d) for d in docs]), itos
+    out = nn.utils.rnn.pad_sequence([torch.tensor([stoi.get(w, 2) for w in d]) for d in docs], batch_first=True)
+    return out, torch.tensor([len(d) for d in docs]), itos                 # right-padded with <pad> = 0
 
 
 def story_data(cfg, g) -> dict:
@@ -587,14 +579,9 @@ class DecisionTree:
             left[nd], right[nd] = add(idx[go], depth + 1), add(idx[~go], depth + 1)
         if progress:
             progress(sum(len(rows[nd]) for _, nd, *_ in heap))
-        self.feat, self.thr, self.left, self.right = map(np.array, (feat, thr, left, right))
-        self.leaf_of = np.full(len(feat), -1)
         leaves = sorted(rows)
-        self.leaf_of[leaves] = np.arange(len(leaves))
         counts = np.stack([np.bincount(y[rows[nd]], minlength=n_classes) for nd in leaves]).astype(np.float32)
-        self.proba = counts / counts.sum(1, keepdims=True)         # (n_leaves, K)
-        self.depth = self._depth()
-        return self
+        return self._set(feat, thr, left, right, leaves, counts / counts.sum(1, keepdims=True))  # (n_leaves, K)
 
     def _best_split(self, Xn, yn, B):
         """(gain, feature, threshold) of the best split, or None. One bincount over (feature, bin, class)."""
@@ -621,12 +608,16 @@ class DecisionTree:
                 best_cost, best = float(cost.flat[j]), (int(fs[j // B]), j % B)
         return None if best is None else (parent - best_cost, *best)
 
-    def _depth(self):
-        d, frontier = 0, [0]
+    def _set(self, feat, thr, left, right, leaves, proba):
+        """Store the node arrays (a leaf has feature -1), each leaf's row of `proba`, and the depth."""
+        self.feat, self.thr, self.left, self.right = map(np.array, (feat, thr, left, right))
+        self.leaf_of = np.full(len(feat), -1)
+        self.leaf_of[leaves] = np.arange(len(leaves))
+        self.proba, self.depth, frontier = proba, 0, [0]
         while frontier:
             frontier = [c for nd in frontier if self.feat[nd] >= 0 for c in (self.left[nd], self.right[nd])]
-            d += bool(frontier)
-        return d
+            self.depth += bool(frontier)
+        return self
 
     @classmethod
     def from_table(cls, slots, table: dict, n_classes: int, n_features: int):
@@ -662,12 +653,8 @@ class DecisionTree:
             return root
 
         build(sorted(table.items()), 0)
-        t.feat, t.thr, t.left, t.right = map(np.array, (feat, thr, left, right))
-        t.leaf_of = np.full(len(feat), -1)
-        t.leaf_of[sorted(outs)] = np.arange(len(outs))
-        t.proba = np.eye(n_classes, dtype=np.float32)[[outs[nd] for nd in sorted(outs)]]
-        t.depth = t._depth()
-        return t
+        leaves = sorted(outs)
+        return t._set(feat, thr, left, right, leaves, np.eye(n_classes, dtype=np.float32)[[outs[nd] for nd in leaves]])
 
     def apply(self, X):
         """Leaf node id of every row, all rows descending one level per iteration."""
@@ -687,13 +674,8 @@ class DecisionTree:
     def predict(self, X):
         return self.predict_proba(X).argmax(1)
 
-    @property
-    def n_nodes(self):
-        return len(self.feat)
-
-    @property
-    def n_leaves(self):
-        return int((self.feat < 0).sum())
+    n_nodes = property(lambda self: len(self.feat))
+    n_leaves = property(lambda self: int((self.feat < 0).sum()))
 
 
 class Forest:
@@ -841,10 +823,7 @@ def story_metrics(prompts: np.ndarray, conts: np.ndarray, itos: list) -> dict:
     n_sent = n_gram = n_cons = 0
     for p, c in zip(prompts, conts):
         words = [itos[i] for i in c]
-        for i in range(len(words) - 2):
-            if words[i:i + 3] == ["the", "end", "."]:
-                words = words[:i + 3]
-                break
+        words = words[:next((i + 3 for i in range(len(words) - 2) if words[i:i + 3] == ["the", "end", "."]), None)]
         sents = split_sentences(words)
         n_sent += len(sents)
         n_gram += sum(parse_sentence(s) is not None for s in sents)
@@ -866,8 +845,8 @@ def exp_text(cfg, g) -> tuple:
     uni = np.bincount(ytr, minlength=K) / len(ytr)
     res = {"unigram": lm_metrics(np.tile(uni, (len(yte), 1)), yte, K) | {"params": K}}
     samples, hist, secs = {}, {}, {}
-    xtr, ytr_t = gpt_xy(train, bos, pad)
-    xte, yte_t = gpt_xy(test, bos, pad)
+    story = lambda conts: {} if cfg.data else story_metrics(prompts, conts, itos)    # --data: no grammar to check
+    (xtr, ytr_t), (xte, yte_t) = gpt_xy(train, bos, pad), gpt_xy(test, bos, pad)
     for w in cfg.widths:                                     # the GPT of width w, then trees of its size
         model = common.GPT(common.GPTConfig(vocab_size=K, block_size=xtr.shape[1] + n_new + P, n_layer=cfg.n_layer,
                                             n_head=cfg.n_head, n_embd=w)).to(dev)
@@ -879,26 +858,24 @@ def exp_text(cfg, g) -> tuple:
         idx = torch.cat([torch.full((len(prompts), 1), bos), torch.from_numpy(prompts)], 1).to(dev)
         conts = model.generate(idx, n_new, greedy=True)[:, 1 + P:].cpu().numpy()
         r["params"] = common.count_params(model)
-        res[f"gpt/d{w}"], samples[f"gpt/d{w}"] = r | ({} if cfg.data else story_metrics(prompts, conts, itos)), conts[0]
+        res[f"gpt/d{w}"], samples[f"gpt/d{w}"] = r | story(conts), conts[0]
         for spec in cfg.ardt:
             kind, L = spec.split(":")[0], int(spec.split(":")[1])
+            name = f"ardt_{kind}_L{L}/d{w}"
             Wtr, ytr = windows(train, train_lens, L, bos)
             Wte, yte = windows(test, test_lens, L, bos)
             feat = Featurizer(kind, L, E, cfg.gamma, cfg.n_bins).fit(Wtr, cfg.seed)
             budget = max(2, (r["params"] - feat.n_params + 2) // (K + 2))     # as many parameters as the GPT
             t0 = time.time()
             tree = fit_tree(make_learner(cfg, budget), feat(Wtr), ytr, feat.is_cat, K, f"ardt {spec} d{w}")
-            secs[f"ardt_{kind}_L{L}/d{w}"] = time.time() - t0
+            secs[name] = time.time() - t0
             t = lm_metrics(tree.predict_proba(feat(Wte)), yte, K)
             conts = ardt_generate(tree, feat, prompts, L, n_new, bos)
             full, argmax = tree_params(tree, K)
             t.update(params=full + feat.n_params, params_argmax=argmax + feat.n_params, leaves=tree.n_leaves)
-            name = f"ardt_{kind}_L{L}/d{w}"
-            res[name], samples[name] = t | ({} if cfg.data else story_metrics(prompts, conts, itos)), conts[0]
-    metrics = {common.mkey(fam, name): r[k] for name, r in res.items() for fam, k in
-               (("next_token_acc", "acc"), ("ppl", "ppl"), ("grammatical_frac", "grammatical"),
-                ("consistent_frac", "consistent"), ("params", "params"), ("params_argmax", "params_argmax"),
-                ("leaves", "leaves")) if k in r}
+            res[name], samples[name] = t | story(conts), conts[0]
+    fam = {"acc": "next_token_acc", "grammatical": "grammatical_frac", "consistent": "consistent_frac"}
+    metrics = {common.mkey(fam.get(k, k), name): v for name, r in res.items() for k, v in r.items()}
     metrics["overlap/text/test_in_train"] = d["overlap"]
     text = lambda ids: " ".join(itos[i] for i in ids)
     return metrics, {"samples": {n: text(prompts[0]) + " | " + text(c[:60]) for n, c in samples.items()},
@@ -993,9 +970,8 @@ def pick_layer_and_score(cfg, layers, y_tr, y_te) -> tuple:
 
 def exp_reason(cfg, g) -> tuple:
     splits = {t: reason_split(t, cfg.reason_train, cfg.reason_test, cfg.reason_corpus, g) for t in TASKS}
-    corpus = [s["corpus"][0] for s in splits.values()]              # unlabelled prompts of both tasks
-    text = torch.zeros(sum(len(c) for c in corpus), max(c.shape[1] for c in corpus), dtype=torch.long)
-    text[:len(corpus[0]), :corpus[0].shape[1]], text[len(corpus[0]):, :corpus[1].shape[1]] = corpus
+    width = max(s["corpus"][0].shape[1] for s in splits.values())   # unlabelled prompts of both tasks, <pad> = 0
+    text = torch.cat([F.pad(s["corpus"][0], (0, width - s["corpus"][0].shape[1])) for s in splits.values()])
     model = common.GPT(common.GPTConfig(vocab_size=len(R_ITOS), block_size=text.shape[1] + 1, n_layer=cfg.n_layer,
                                         n_head=cfg.n_head, n_embd=cfg.reason_width)).to(cfg.device)
     untrained = copy.deepcopy(model)                                # control: the same GPT before training
@@ -1007,13 +983,13 @@ def exp_reason(cfg, g) -> tuple:
         y_tr, y_te = y_tr.numpy(), y_te.numpy()
         cands = {"lin": list(zip(lin_features(ids_tr, lens_tr, emb), lin_features(ids_te, lens_te, emb)))}
         for name, m in (("tf", model), ("tf_untrained", untrained)):
-            cands[name] = list(zip(tf_features(m, ids_tr, lens_tr, cfg.device)[0],
-                                   tf_features(m, ids_te, lens_te, cfg.device)[0]))
+            te, logits = tf_features(m, ids_te, lens_te, cfg.device)
+            cands[name] = list(zip(tf_features(m, ids_tr, lens_tr, cfg.device)[0], te))
+            if name == "tf":                              # the trained GPT's own answer
+                res[f"reasoning_acc/featurizer/{task}"] = answer_acc(logits, task, torch.from_numpy(y_te))
         for feat, layers in cands.items():                # the layer (Lin: the variant) is chosen on validation labels
             acc, best = pick_layer_and_score(cfg, layers, y_tr, y_te)
             res[f"reasoning_acc/ardt_{feat}/{task}"], res[f"reasoning_layer/ardt_{feat}/{task}"] = acc, best
-        logits = tf_features(model, ids_te, lens_te, cfg.device)[1]
-        res[f"reasoning_acc/featurizer/{task}"] = answer_acc(logits, task, torch.from_numpy(y_te))
         res[f"reasoning_acc/majority/{task}"] = float(max(y_te.mean(), 1 - y_te.mean()))
         res[f"overlap/reason/{task}"] = s["overlap"]
     for m in ("ardt_lin", "ardt_tf", "ardt_tf_untrained", "featurizer", "majority"):
@@ -1024,12 +1000,12 @@ def exp_reason(cfg, g) -> tuple:
 # Run: the experiments per seed, the tables (mean +- std over seeds), results/ardt.json and figures
 
 
-def run_seed(cfg, stages=None) -> tuple:
+def run_seed(cfg, stages) -> tuple:
     g = common.set_seed(cfg.seed)
     metrics, extras, timings = {}, {}, {}
     for part in cfg.parts:
         t0 = time.time()
-        with stages(f"{part}, seed {cfg.seed}") if stages else contextlib.nullcontext():
+        with stages(f"{part}, seed {cfg.seed}"):
             if part == "text":
                 m, extras["text"] = exp_text(cfg, g)
             elif part == "automata":
@@ -1043,18 +1019,15 @@ def run_seed(cfg, stages=None) -> tuple:
     return metrics, extras | {"timings": timings}
 
 
-def report(cfg, runs):
+def report(cfg, runs, models):
     """The tables: mean +- std over seeds, each ARDT beside the GPT of its size; then the headline."""
-    c, seeds, f = runs.cell, f"{len(runs.seeds)} seed(s)", common.fmt
+    c, seeds, head = runs.cell, f"{len(runs.seeds)} seed(s)", []
     kp = lambda key: f"{runs.mean[key] / 1e3:.1f}k" if key in runs.mean else "-"
-    models = ["gpt"] + [f"ardt_{s.split(':')[0]}_L{s.split(':')[1]}" for s in cfg.ardt]
-    head = []
     if "text" in cfg.parts:
-        common.print_table([["unigram", "-", kp("params/unigram"), c("next_token_acc/unigram"), c("ppl/unigram"),
-                             "-", "-"]] +
-                           [[m, f"d{w}", kp(f"params/{m}/d{w}"), c(f"next_token_acc/{m}/d{w}"), c(f"ppl/{m}/d{w}"),
-                             c(f"grammatical_frac/{m}/d{w}"), c(f"consistent_frac/{m}/d{w}")]
-                            for w in cfg.widths for m in models],
+        fams = ("next_token_acc", "ppl", "grammatical_frac", "consistent_frac")
+        common.print_table([["unigram", "-", kp("params/unigram"), c("next_token_acc/unigram"), c("ppl/unigram"), "-",
+                             "-"]] + [[m, f"d{w}", kp(f"params/{m}/d{w}")] + [c(f"{f}/{m}/d{w}") for f in fams]
+                                      for w in cfg.widths for m in models],
                            ["model", "size", "params", "next-token acc", "ppl", "grammatical", "consistent"],
                            f"text: held-out stories ({seeds}); each ARDT has as many parameters as the GPT of its size")
         for name, sample in runs.extras[0]["text"]["samples"].items():
@@ -1066,20 +1039,19 @@ def report(cfg, runs):
             head += [["grammatical sentences, same pair", "grammatical (GPT-4 grades)",
                       f"{c(f'grammatical_frac/{a}/d{w}')} vs {c(f'grammatical_frac/gpt/d{w}')}"]]
     if "automata" in cfg.parts:
-        common.print_table([[T, c(f"parity_rows/cot/T{T}", 0), c(f"parity_leaves/cot/T{T}", 0), c(f"parity_acc/cot/T{T}"),
-                             c(f"parity_leaves/plain/T{T}", 0), c(f"parity_acc/plain/T{T}"), f"{2 ** T:.3g}",
-                             c(f"parity_acc/hand/T{T}")] for T in cfg.aut_lens],
+        pa = lambda fam, T: c(f"parity_{fam}/T{T}", 0 if "acc" not in fam else 3)
+        common.print_table([[T, pa("rows/cot", T), pa("leaves/cot", T), pa("acc/cot", T), pa("leaves/plain", T),
+                             pa("acc/plain", T), f"{2 ** T:.3g}", pa("acc/hand", T)] for T in cfg.aut_lens],
                            ["T", "training rows", "CoT tree leaves", "CoT acc", "plain tree leaves", "plain acc",
                             "2^T (exact plain tree)", "hand-built CoT (6 leaves)"],
                            f"automata: parity, context T + 1, equal training rows ({seeds})")
         T = cfg.aut_lens[-1]
         head += [[f"parity at T={T}: CoT tree vs plain tree, leaves (acc)", "fixed size vs 2^T (theorems)",
-                  f"{c(f'parity_leaves/cot/T{T}', 0)} ({c(f'parity_acc/cot/T{T}')}) vs "
-                  f"{c(f'parity_leaves/plain/T{T}', 0)} ({c(f'parity_acc/plain/T{T}')})"]]
+                  f"{pa('leaves/cot', T)} ({pa('acc/cot', T)}) vs {pa('leaves/plain', T)} ({pa('acc/plain', T)})"]]
     if "reason" in cfg.parts:
-        common.print_table([[t, c(f"reasoning_acc/majority/{t}"), c(f"reasoning_acc/ardt_lin/{t}"),
-                             c(f"reasoning_acc/ardt_tf/{t}"), c(f"reasoning_acc/ardt_tf_untrained/{t}"),
-                             c(f"reasoning_acc/featurizer/{t}"), c(f"overlap/reason/{t}", 0)] for t in list(TASKS) + ["mean"]],
+        cols = ("majority", "ardt_lin", "ardt_tf", "ardt_tf_untrained", "featurizer")
+        common.print_table([[t] + [c(f"reasoning_acc/{m}/{t}") for m in cols] + [c(f"overlap/reason/{t}", 0)]
+                            for t in list(TASKS) + ["mean"]],
                            ["task", "majority", "tree on Lin", "tree on TF", "tree on untrained TF", "TF's own answer",
                             "test overlap"],
                            f"reasoning: forests on {cfg.reason_train} labels each, {cfg.reason_test} test prompts; "
@@ -1090,12 +1062,20 @@ def report(cfg, runs):
                        f"not verified for this script)")
 
 
-def figures(cfg, runs):
+def run(cfg) -> common.SeedRuns:
+    t_start, cost = time.time(), {"text": 3.0, "automata": 0.1, "reason": 2.0}
+    stages = common.Stages({f"{p}, seed {cfg.seed + i}": cost[p] for i in range(cfg.seeds) for p in cfg.parts})
+    runs = common.over_seeds(cfg, lambda c: run_seed(c, stages), NAME)
     models = ["gpt"] + [f"ardt_{s.split(':')[0]}_L{s.split(':')[1]}" for s in cfg.ardt]
+    report(cfg, runs, models)
+    wall = time.time() - t_start
+    common.save_results(NAME, cfg, runs, info={"extras": [{k: v for k, v in e.items() if k != "timings"}
+                                                          for e in runs.extras]},
+                        timings={p: [e["timings"][p] for e in runs.extras] for p in cfg.parts}, wall_time_s=wall)
     if "text" in cfg.parts:
-        common.plot(NAME, {m: ([runs.mean[f"params/{m}/d{w}"] for w in cfg.widths],
-                               [runs.mean[f"next_token_acc/{m}/d{w}"] for w in cfg.widths],
-                               [runs.std.get(f"next_token_acc/{m}/d{w}", 0.0) for w in cfg.widths]) for m in models},
+        w = cfg.widths
+        common.plot(NAME, {m: ([runs.mean[f"params/{m}/d{x}"] for x in w], [runs.mean[f"next_token_acc/{m}/d{x}"] for x in w],
+                               [runs.std.get(f"next_token_acc/{m}/d{x}", 0.0) for x in w]) for m in models},
                     cfg.out, xlabel="parameters", ylabel="held-out next-token accuracy", logx=True,
                     title="ARDT vs GPT at equal parameter counts")
     if "automata" in cfg.parts:
@@ -1103,19 +1083,6 @@ def figures(cfg, runs):
                                                                   cfg.aut_lens]) for k in ("cot", "plain")},
                     cfg.out, xlabel="parity input length T", ylabel="tree leaves", logy=True,
                     title="leaves needed: CoT tree vs plain tree (equal training rows)")
-
-
-def run(cfg) -> common.SeedRuns:
-    t_start = time.time()
-    cost = {"text": 3.0, "automata": 0.1, "reason": 2.0}
-    stages = common.Stages({f"{p}, seed {cfg.seed + i}": cost[p] for i in range(cfg.seeds) for p in cfg.parts})
-    runs = common.over_seeds(cfg, lambda c: run_seed(c, stages), NAME)
-    report(cfg, runs)
-    wall = time.time() - t_start
-    common.save_results(NAME, cfg, runs, info={"extras": [{k: v for k, v in e.items() if k != "timings"}
-                                                          for e in runs.extras]},
-                        timings={p: [e["timings"][p] for e in runs.extras] for p in cfg.parts}, wall_time_s=wall)
-    figures(cfg, runs)
     common.print0(f"wall time {wall:.1f} s")
     return runs
 

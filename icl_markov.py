@@ -240,11 +240,8 @@ def chain_stream(batch, T, k, n, prior, gen, device, mix_p=0.5, chunk=32):
 
 
 def context_index(x: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """Index of the last n-1 tokens of each row of x (B, T) -> (B,)."""
-    if n == 1:
-        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    w = x[:, -(n - 1):]
-    return (w * (k ** torch.arange(n - 1, device=x.device))).sum(-1)
+    """Index of the last n-1 tokens (n >= 2) of each row of x (B, T) -> (B,)."""
+    return (x[:, -(n - 1):] * (k ** torch.arange(n - 1, device=x.device))).sum(-1)
 
 # -----------------------------------------------------------------------------
 # Model
@@ -355,11 +352,11 @@ def train(model, opt, cfg, stream, steps, desc, eval_fn=None, stop_fn=None, ever
     """The official trainer: constant lr (no warmup, no decay), no gradient clipping, next-token CE on
     all T positions. The global batch from `stream` is split over torchrun ranks (token-weighted loss).
     At step 0, every `every` (default cfg.eval_every) steps and at the end rank 0 calls eval_fn(model, step); when
-    stop_fn(evals so far) says so, every rank stops. Returns {"step", "loss", "evals": [(step, dict)]}."""
+    stop_fn(evals so far) says so, every rank stops. Returns {"evals": [(step, dict)]}."""
     device, every = torch.device(cfg.device), every or cfg.eval_every
     fwd = common.wrap_ddp(model, device)
     fwd = torch.compile(fwd) if cfg.compile else fwd
-    hist, t0 = {"step": [], "loss": [], "evals": []}, time.time()
+    hist, t0 = {"evals": []}, time.time()
     bar = common.progress(range(steps + 1), desc)
     for step in bar:
         if eval_fn and (step % every == 0 or step == steps):
@@ -378,9 +375,7 @@ def train(model, opt, cfg, stream, steps, desc, eval_fn=None, stop_fn=None, ever
         loss.backward()
         opt.step()
         if step % 10 == 0:
-            hist["step"].append(step)
-            hist["loss"].append(common.global_mean(loss))
-            bar.set_postfix_str(common.step_log(step + 1, steps, t0, loss=hist["loss"][-1]))
+            bar.set_postfix_str(common.step_log(step + 1, steps, t0, loss=common.global_mean(loss)))
     return hist
 
 
@@ -446,11 +441,6 @@ def evaluate(model, test, device, chunk=1024) -> dict:
     return out
 
 
-def phase_of(res: dict, n: int) -> str:
-    """The strategy closest to the model (the paper shades Fig. 1 by this argmin)."""
-    return min(STRATEGY_NAMES[:n + 1], key=lambda s: res[f"kl_{s}_model"])
-
-
 def crossing(evals, lo, hi):
     """Step at which KL(hi||model) first drops below KL(lo||model), interpolated linearly between the
     two evaluations around it; None if it never does."""
@@ -467,9 +457,11 @@ def crossing(evals, lo, hi):
 
 
 def fmt_eval(step, res, n):
-    parts = [f"KL(true||m) {res['kl_true_model']:.4f}"] + \
-            [f"{STRATEGY_NAMES[m]} {res[f'kl_{STRATEGY_NAMES[m]}_model']:.4f}" for m in range(n + 1)]
-    return f"  step {step:5d} | " + " | ".join(parts) + f" | attn@1 {res['prev_token_attn']:.3f} | closest: {phase_of(res, n)}"
+    """One log line; 'closest' is the strategy nearest the model (the paper shades Fig. 1 by it)."""
+    names = STRATEGY_NAMES[:n + 1]
+    parts = [f"KL(true||m) {res['kl_true_model']:.4f}"] + [f"{s} {res[f'kl_{s}_model']:.4f}" for s in names]
+    closest = min(names, key=lambda s: res[f"kl_{s}_model"])
+    return f"  step {step:5d} | " + " | ".join(parts) + f" | attn@1 {res['prev_token_attn']:.3f} | closest: {closest}"
 
 
 def train_transformer(cfg, test, k, n, prior, steps, lr, seed, desc, mix_p=0.5, stop_after=None, verbose=False):
@@ -493,10 +485,6 @@ def train_transformer(cfg, test, k, n, prior, steps, lr, seed, desc, mix_p=0.5, 
 # Experiments: one per claim; each returns (metrics, curves for the figure)
 
 
-def seconds_since(t0):
-    return round(time.time() - t0, 1)
-
-
 def exp_phases(cfg, test, seed):
     """Claim 1 + mechanism: uniform -> unigram plateau -> abrupt drop to the bigram (Bayes) predictor, while
     layer 1 becomes a previous-token head."""
@@ -504,8 +492,7 @@ def exp_phases(cfg, test, seed):
                                     f"main k={cfg.k} seed {seed}", verbose=True)
     if not common.is_main():
         return {}, None
-    ev, ref = hist["evals"], test["kl_true_strategy"]
-    fin = ev[-1][1]
+    ev, ref, fin = hist["evals"], test["kl_true_strategy"], hist["evals"][-1][1]
     uni, bi = crossing(ev, "uniform", "unigram"), crossing(ev, "unigram", "bigram")
     before = [r["prev_token_attn"] for s, r in ev if bi is None or s < bi]
     m = {common.mkey("kl_true", s, "ref"): ref[i] for i, s in enumerate(STRATEGY_NAMES[:3])}
@@ -516,9 +503,6 @@ def exp_phases(cfg, test, seed):
               "reached/bigram/main": float(bi is not None),
               "prev_token_attn/main/before": max(before), "prev_token_attn/main/final": fin["prev_token_attn"],
               "n_params/transformer/main": common.count_params(model)})
-    common.print0(f"main seed {seed}: unigram phase from step {common.fmt(uni, 0)}, bigram from step "
-                  f"{common.fmt(bi, 0)}; final KL(true||model) {fin['kl_true_model']:.4f} "
-                  f"(bigram {ref[2]:.4f}, unigram {ref[1]:.4f})")
     return m, ev
 
 
@@ -544,14 +528,10 @@ def exp_mixture(cfg, seed):
         if ds:
             m[common.mkey("transition_ds_kseq", "mix", name)] = math.nan if t is None else t * cfg.batch * ds / 1000
         curves[name] = (p, ds, ev)
-        common.print0(f"  k={cfg.mix_k} {name}: bigram transition at step {common.fmt(t, 0)} of {steps}" +
-                      (f" = {t * cfg.batch * ds / 1000:.1f}k doubly-stochastic chains" if ds and t else ""))
-    base = "p0" if 0.0 in cfg.mix_fracs else None
-    for name in curves:
-        if base and name not in (base, "standard"):
-            for fam in ("transition_step", "transition_ds_kseq"):
-                m[common.mkey(fam.replace("transition", "delay"), "mix", name)] = \
-                    m[common.mkey(fam, "mix", name)] - m[common.mkey(fam, "mix", base)]
+    for name in (nm for nm in curves if "p0" in curves and nm not in ("p0", "standard")):   # delay vs p = 0
+        for f in ("step", "ds_kseq"):
+            m[common.mkey(f"delay_{f}", "mix", name)] = (m[common.mkey(f"transition_{f}", "mix", name)]
+                                                         - m[common.mkey(f"transition_{f}", "mix", "p0")])
     return m, (curves, test["kl_true_strategy"])
 
 
@@ -559,7 +539,7 @@ def exp_trigram(cfg, seed):
     """Claim 3 (n-grams): on trigram chains the model passes uniform -> unigram -> bigram -> trigram."""
     test = make_test_set(cfg.k, cfg.T, 3, cfg.n_test, cfg.test_seed + 2)
     _, hist = train_transformer(cfg, test, cfg.k, 3, "dirichlet", cfg.trigram_iters, cfg.trigram_lr, seed,
-                                f"trigram k={cfg.k}", verbose=False)
+                                f"trigram k={cfg.k}")
     if not common.is_main():
         return {}, None
     ev, ref = hist["evals"], test["kl_true_strategy"]
@@ -568,8 +548,6 @@ def exp_trigram(cfg, seed):
     for lo, hi in zip(STRATEGY_NAMES, STRATEGY_NAMES[1:]):
         c = crossing(ev, lo, hi)
         m[common.mkey("phase_step", hi, "trigram")] = math.nan if c is None else c
-    common.print0("trigram stages from step: " + ", ".join(
-        f"{s} {common.fmt(m[common.mkey('phase_step', s, 'trigram')], 0)}" for s in STRATEGY_NAMES[1:]))
     return m, (ev, ref)
 
 
@@ -615,9 +593,6 @@ def exp_minimal(cfg, test, seed):
     m = {"half_rise_step/minimal/W": hw, "half_rise_step/minimal/v": hv, "order/minimal/W_first": float(hw < hv),
          "kl_true/minimal/final": ev[-1][1]["kl_true_model"],
          "phase_step/bigram/minimal": math.nan if bi is None else bi}
-    common.print0(f"minimal seed {seed}: W (layer 2) half-way at step {hw:.0f}, v (layer 1) at step {hv:.0f} -> "
-                  f"{'W' if hw < hv else 'v'} first; bigram from step {common.fmt(bi, 0)}; "
-                  f"final KL(true||model) {ev[-1][1]['kl_true_model']:.4f}")
     return m, ev
 
 # -----------------------------------------------------------------------------
@@ -629,9 +604,6 @@ def run_seed(cfg):
     stages = common.Stages({"main": cfg.iters, "mixture": sum(cfg.mix_ds_iters / (1 - p) for p in cfg.mix_fracs) * 0.6,
                             "trigram": 2 * cfg.trigram_iters, "minimal": cfg.minimal_iters / 4})
     test = make_test_set(cfg.k, cfg.T, 2, cfg.n_test, cfg.test_seed)
-    common.print0(f"test: {cfg.n_test} standard ICL-MC chains, k={cfg.k}, T={cfg.T}; KL(true||uniform) "
-                  f"{test['kl_true_strategy'][0]:.4f}, unigram {test['kl_true_strategy'][1]:.4f}, "
-                  f"bigram (Bayes) {test['kl_true_strategy'][2]:.4f}")
     metrics = {}
     for name, fn, on in (("main", lambda: exp_phases(cfg, test, cfg.seed), True),
                          ("mixture", lambda: exp_mixture(cfg, cfg.seed), bool(cfg.mix_fracs)),
@@ -642,38 +614,25 @@ def run_seed(cfg):
                 t = time.time()
                 m, curves[name] = fn()
                 metrics.update(m)
-                timings[name] = seconds_since(t)
-    timings["seed_total"] = seconds_since(t0)
+                timings[name] = round(time.time() - t, 1)
+    timings["seed_total"] = round(time.time() - t0, 1)
     return metrics, {"curves": curves, "timings": timings}
 
 
-def t95(n):
-    """Two-sided 95% Student-t quantile with n-1 degrees of freedom (n >= 2)."""
-    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-    return table.get(n - 1, 2.0 if n < 30 else 1.96)
-
-
-def interval(runs, key):
-    """(mean, half-width of the 95% t-interval over seeds) of a per-seed metric; half-width nan for one seed."""
-    vals = [r[key] for r in runs.per_seed if key in r and not math.isnan(r[key])]
-    if not vals:
-        return math.nan, math.nan
-    m, s = common.mean_std(vals)
-    return m, (t95(len(vals)) * s / math.sqrt(len(vals)) if len(vals) > 1 else math.nan)
-
-
 def verdict(runs, key, unit, digits=0):
-    """'+329 +- 546 steps (95% CI, 3 seeds): no clear difference' for a per-seed delay."""
-    m, h = interval(runs, key)
-    if math.isnan(m) or math.isnan(h):
+    """'+329 +- 546 steps (95% CI, 3 seeds): no clear difference' for a per-seed delay (Student-t interval)."""
+    vals = [r[key] for r in runs.per_seed if key in r and not math.isnan(r[key])]
+    m, s = common.mean_std(vals) if vals else (math.nan, math.nan)
+    if len(vals) < 2:
         return f"{common.fmt(m, digits)} {unit} (one seed or no transition: no interval)"
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}   # by seeds (df + 1)
+    h = t.get(len(vals), 2.0 if len(vals) < 30 else 1.96) * s / math.sqrt(len(vals))
     word = "later" if m - h > 0 else "earlier" if m + h < 0 else "no clear difference"
     return f"{m:+.{digits}f} +- {h:.{digits}f} {unit} (95% CI, {len(runs.seeds)} seeds): {word}"
 
 
 def print_tables(cfg, runs):
-    c, mean = runs.cell, runs.mean
-    n = len(runs.seeds)
+    c, mean, n = runs.cell, runs.mean, len(runs.seeds)
     rows = [["KL(true||model), final", "ends near the bigram line", c("kl_true/transformer/final", 4)],
             ["KL(true||bigram): Bayes reference", "-", c("kl_true/bigram/ref", 4)],
             ["KL(true||unigram): plateau reference", "-", c("kl_true/unigram/ref", 4)],
@@ -796,7 +755,6 @@ def plot_figure(cfg, runs):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, f"{NAME}.png")
     fd, tmp = tempfile.mkstemp(dir=cfg.out, prefix=f".{NAME}.", suffix=".png")
     os.close(fd)
@@ -819,7 +777,7 @@ def run(cfg) -> common.SeedRuns:
                        "(interpolated between evaluations; nan = never); *_ds_kseq: thousands of doubly-stochastic "
                        "training chains; delay_*: p run minus p=0 run, same seed",
             "timings": "seconds per seed"}
-    common.save_results(NAME, cfg, runs, history=history, info=info, timings=timings, wall_time_s=seconds_since(t0))
+    common.save_results(NAME, cfg, runs, history=history, info=info, timings=timings, wall_time_s=round(time.time() - t0, 1))
     plot_figure(cfg, runs)
     common.print0(f"wall time {time.time() - t0:.1f} s")
     return runs

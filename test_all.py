@@ -477,13 +477,13 @@ def test_copying_packed_rows_are_full_and_the_cut_example_unscored():
 def test_copying_parallel_scan_equals_sequential_with_grads():
     g = torch.Generator().manual_seed(0)
     B, T, E, N = 2, 37, 6, 4
-    dA = (-torch.rand(B, T, E, N, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    dBx = torch.randn(B, T, E, N, generator=g, dtype=torch.float64).requires_grad_()
-    C = torch.randn(B, T, N, generator=g, dtype=torch.float64).requires_grad_()
-    ys, yp = copying.selective_scan_sequential(dA, dBx, C), copying.selective_scan_parallel(dA, dBx, C)
+    args = [t.double().requires_grad_() for t in (torch.randn(B, T, E, generator=g), torch.rand(B, T, E, generator=g) * 2,
+                                                  -torch.rand(E, N, generator=g) * 2, torch.randn(B, T, N, generator=g),
+                                                  torch.randn(B, T, N, generator=g))]  # u, Delta, A, B, C
+    ys, yp = copying.selective_scan_sequential(*args), copying.selective_scan_parallel(*args)
     assert torch.allclose(ys, yp, atol=1e-10)
     w = torch.randn_like(ys)
-    for a, b in zip(torch.autograd.grad((ys * w).sum(), (dA, dBx, C)), torch.autograd.grad((yp * w).sum(), (dA, dBx, C))):
+    for a, b in zip(torch.autograd.grad((ys * w).sum(), args), torch.autograd.grad((yp * w).sum(), args)):
         assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -673,6 +673,19 @@ def test_copying_experiments_score_what_they_trained(monkeypatch):
     assert m == {"suffix_ngram_acc/mamba/L20": 0.0, "suffix_ngram_acc/mamba/L30": 0.0}
 
 
+def test_copying_fitted_transformers_get_their_own_lr_and_budget(monkeypatch):
+    cfg = _copying_cfg(models=("hard_alibi", "nope", "lstm"), lr=1e-3, fit_lr=5e-3, steps=7, fit_steps=9, eval_lens=(4,),
+                       eval_n=2)
+    seen = []
+
+    def fake_train(model, cfg, get_batch, steps, desc="", probe=None):
+        seen.append((cfg.lr, steps))
+        return {"curve": [(32, 0.5)], "examples": 32}
+    monkeypatch.setattr(copying, "train", fake_train)
+    copying.exp_copy(cfg, torch.device("cpu"))
+    assert seen == [(1e-3, 7), (5e-3, 9), (1e-3, 7)]
+
+
 @pytest.mark.parametrize("which", ["untrained", "oracle"])
 def test_copying_teacher_forced_exact_match_equals_greedy(which):
     cfg, tok = _copying_cfg(vocab=4), copying.make_tokenizer(4)
@@ -703,6 +716,12 @@ def test_copying_train_counts_examples_and_stops_when_the_probe_says_so(pack):
     assert hist["steps_run"] == 15 and hist["examples"] == sum(counts)
     assert hist["curve"] == [(sum(counts[:5]), 0.1), (sum(counts[:10]), 0.2), (sum(counts), 0.3)]
     assert counts == [8] * 15 if not pack else sum(counts) > 15 * 8  # packing holds several strings per row
+
+
+def test_copying_mean_curve_keeps_a_stopped_seed_at_its_last_probe():
+    xs, ys, std = copying.mean_curve([[(1, 0.1), (2, 0.9)], [(1, 0.3), (2, 0.5), (3, 0.95)]])
+    assert xs == [1, 2, 3] and ys == pytest.approx([0.2, 0.7, 0.925]) and std[2] == pytest.approx(0.05 / math.sqrt(2))
+    assert copying.mean_curve([[(1, 0.1), (2, 0.9)]])[2] is None
 
 
 def test_copying_examples_to_90():
@@ -1822,12 +1841,14 @@ def test_turing_programs_addition_answers():
             assert letters == [1] * na + [0] * (max(na, nb) + 1 - na)
 
 
-def test_turing_programs_addition_steps_are_local_edits():
+@pytest.mark.parametrize("lsb", [True, False])
+def test_turing_programs_addition_steps_are_local_edits(lsb):
     gen = torch.Generator().manual_seed(1)
     letter = {chr(ord("a") + d): str(d) for d in range(10)}
     for n in (1, 4, 9):
         a, b = _digits(gen, 30, n), _digits(gen, 30, n)
-        s = tp.addition(a, b)
+        s = tp.addition(a, b, lsb=lsb)
+        w = (lambda x: x.flip(0)) if lsb else (lambda x: x)    # operands as written
         for i in range(30):
             lines = _lines(s.tok[i].tolist())[1:]
             assert len(lines) == n + 1
@@ -1837,9 +1858,11 @@ def test_turing_programs_addition_steps_are_local_edits():
                 assert line[k + 1] == "=" and (line[0] in "NC" if k < n else line[0] in "01")
                 ops = line[k + 2:]
                 unmarked = [letter.get(t, t) for t in ops]
-                assert unmarked == [str(int(d)) for d in a[i]] + ["+"] + [str(int(d)) for d in b[i]]
+                assert unmarked == [str(int(d)) for d in w(a[i])] + ["+"] + [str(int(d)) for d in w(b[i])]
+                assert _lines(s.tok[i].tolist())[0] == unmarked            # the prompt, written the same way
                 marks = [j for j, t in enumerate(ops) if t in letter]
-                assert marks == ([n - 1 - k, 2 * n - k] if k < n else [])  # heads at column n-1-k
+                head = k if lsb else n - 1 - k                              # the units first: column k
+                assert marks == ([head, n + 1 + head] if k < n else [])
                 if prev is not None:
                     changed = sum(x != y for x, y in zip(prev[k + 1:], ops))
                     assert changed <= 4                                 # the operands: heads moved
@@ -1993,7 +2016,7 @@ class _TuringProgramsOracle(nn.Module):
         for i, row in enumerate(idx.tolist()):
             plus, sep = row.index(tp.PLUS), row.index(tp.SEP)
             a, b = torch.tensor([row[1:plus]]) - tp.D0, torch.tensor([row[plus + 1:sep]]) - tp.D0
-            s = tp.addition(a, b)
+            s = tp.addition(a.flip(1), b.flip(1))                # the prompt is written units first
             nxt = s.tok[0, 1:].clone()
             if self.corrupt:
                 d = s.cat[0, 1:] == tp.DIGIT
@@ -2012,8 +2035,9 @@ def test_turing_programs_exact_and_token_accuracy_of_an_oracle():
     bad = tp.evaluate(_TuringProgramsOracle(corrupt=True), task, "tp", lens, 256, "cpu", seed=1)
     assert bad["exact"] == 0.0 and bad["digit"] == 0.0 and bad["copy"] == bad["head"] == bad["state"] == 1.0
     s = tp.addition(torch.tensor([[4, 5]]), torch.tensor([[7]]))   # 45 + 7: tokens hand-counted
+    assert [tp.VOCAB[t] for t in s.tok[0]] == "<bos> 5 4 + 7 | N = f 4 + h | C 2 = 5 e + 7 | 0 5 2 = 5 4 + 7 <eos>".split()
     n_prog = int((s.cat >= 0).sum())
-    assert n_prog == 7 + 8 + 9 and int((s.cat == tp.DIGIT).sum()) == 2  # '4 f + h = N |' ... '= 0 5 2 <eos>'
+    assert n_prog == 7 + 8 + 9 and int((s.cat == tp.DIGIT).sum()) == 2  # 'N = f 4 + h |' ... '0 5 2 = 5 4 + 7 <eos>'
     pred = torch.cat([s.tok[:, 1:], s.tok[:, :1]], 1)           # pred[:, t] = token t+1: all right
     assert tp.score(pred, s)["tok"] == [n_prog, n_prog] and tp.score(pred, s)["exact"] == [1, 1]
     pred[0, -3] = tp.D0                                          # one wrong token: exact 0, tok n-1
@@ -2072,11 +2096,23 @@ def test_turing_programs_stream_batches():
     assert len(set(x[:, 0].tolist())) > 3                      # without line_starts: any token
 
 
+def test_turing_programs_digit_order_reaches_the_task(monkeypatch):
+    seen = []
+    monkeypatch.setattr(tp, "train_and_test", lambda cfg, task, fmt, pos: (seen.append(task), ({}, {"time_s": 0.0}))[1])
+    monkeypatch.setattr(common, "save_results", lambda *a, **k: None)
+    for digits, head in (("lsb", 2), ("msb", 4)):            # 'N = d 4 5 + ...' / 'N = 5 4 d + ...'
+        cfg = common.config_from_preset(tp.Config, tp.PRESETS, "smoke", device="cpu", digits=digits)
+        tp.exp_runs(cfg)
+        s = seen[-1].sample(torch.tensor([[3, 3]]), torch.Generator().manual_seed(0))
+        line = _lines(s.tok[0].tolist())[1]
+        assert [j for j, t in enumerate(line[:5]) if t in "abcdefghij"] == [head]
+
+
 def test_turing_programs_bad_config():
     for kw in (dict(task="sort"), dict(runs=("tp:xpos",)), dict(task="mul1", runs=("plain:nope",)),
                dict(eval_lens=(60,), context="tokens"), dict(train_min=6), dict(hard_windows=(1, 2)),
                dict(window=31), dict(task="rtm8", runs=("tp:hard_alibi",)), dict(runs=("plain:hard_alibi",)),
-               dict(context="all")):
+               dict(context="all"), dict(digits="reversed")):
         with pytest.raises(ValueError):
             tp.Config(**kw)
 
@@ -3688,6 +3724,30 @@ def test_ardt_layer_is_chosen_on_validation_labels():
     acc, best = ardt.pick_layer_and_score(cfg, layers, y_tr, y_te)
     assert best == 1 and acc > 0.95
     assert ardt.forest_acc(cfg, *layers[0][:1], y_tr, layers[0][1], y_te) < 0.65
+
+
+def test_ardt_tree_on_tf_reads_the_trained_gpt(monkeypatch):
+    """'tree on TF' and 'TF's own answer' come from the trained feature GPT; the control from its untrained copy."""
+    trained, made, picked, answered = [], {}, [], []
+    real_train, real_tf, real_pick, real_ans = ardt.train_gpt, ardt.tf_features, ardt.pick_layer_and_score, ardt.answer_acc
+    def tf(model, *a):
+        feats, logits = real_tf(model, *a)
+        made.update({id(x): (x, model) for x in feats + [logits]})     # x kept alive: its id stays unique
+        return feats, logits
+    monkeypatch.setattr(ardt, "train_gpt", lambda model, *a: trained.append(model) or real_train(model, *a))
+    monkeypatch.setattr(ardt, "tf_features", tf)
+    monkeypatch.setattr(ardt, "pick_layer_and_score", lambda cfg, layers, *a: picked.append(
+        [made.get(id(x), (x, None))[1] for pair in layers for x in pair]) or real_pick(cfg, layers, *a))
+    monkeypatch.setattr(ardt, "answer_acc", lambda logits, *a: answered.append(made[id(logits)][1]) or real_ans(logits, *a))
+    cfg = common.config_from_preset(ardt.Config, ardt.PRESETS, "smoke", device="cpu", reason_steps=2)
+    ardt.exp_reason(cfg, torch.Generator().manual_seed(0))
+    (model,) = trained
+    assert len(picked) == 3 * len(ardt.TASKS) and answered == [model] * len(ardt.TASKS)
+    for lin, tf_, untrained in zip(picked[0::3], picked[1::3], picked[2::3]):
+        assert set(lin) == {None} and set(tf_) == {model}
+        (other,) = set(untrained)
+        assert other is not None and other is not model
+        assert not torch.equal(other.lm_head.weight, model.lm_head.weight)   # a copy made before training
 
 
 def test_ardt_linear_features_hand_worked():

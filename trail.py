@@ -227,8 +227,7 @@ def generate(model, prompts, max_out, temperature, gen):
     lengths = torch.full((B,), max_out, device=prompts.device)
     outs = torch.full((B, max_out), PAD, device=prompts.device)
     for t in range(max_out):
-        probs = F.softmax(logits / temperature, -1)
-        tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        tok = common.sample_logits(logits, temperature, generator=gen)
         if t == max_out - 1:
             tok = torch.full_like(tok, EOS)
         tok = torch.where(done, torch.full_like(tok, PAD), tok)
@@ -534,14 +533,11 @@ def simulate_serving(arr, L, policy="soap", r0=None, pred=None, C=math.inf, max_
     n = len(arr)
     arr, L = [float(a) for a in arr], [int(v) for v in L]
     g, kvj, first, finish = [0] * n, [0] * n, [math.nan] * n, [math.nan] * n
-    if policy == "fcfs":
-        key = lambda j: (0, 0.0, j)
-    elif policy == "sjf":
-        key = lambda j: (0, 0.0, j) if g[j] else (1, float(r0[j]), j)
-    elif policy == "soap":
-        key = lambda j: trail_key(g[j], r0[j], pred[j][g[j]], C, j)
-    else:
+    keys = {"fcfs": lambda j: (0, 0.0, j), "sjf": lambda j: (0, 0.0, j) if g[j] else (1, float(r0[j]), j),
+            "soap": lambda j: trail_key(g[j], r0[j], pred[j][g[j]], C, j)}
+    if policy not in keys:
         raise ValueError(f"unknown policy {policy}")
+    key = keys[policy]
     heap, resident, prev = [], set(), set()
     nxt = n_active = kv = preempt = evict = peak = 0
     t = area = kv_area = 0.0
@@ -667,12 +663,9 @@ def exp_lm(cfg, device):
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     prompts, _, ref_len, task = make_requests(cfg.n_requests, cfg, torch.Generator().manual_seed(cfg.seed + 3))
     prompts, task = prompts.to(device), task.to(device)
-    outs, lengths = [], []
-    for i in common.progress(range(0, cfg.n_requests, cfg.gen_batch), "generate"):
-        o, l = generate(model, prompts[i:i + cfg.gen_batch], cfg.max_out, cfg.temperature, gen)
-        outs.append(o)
-        lengths.append(l)
-    outs, lengths = torch.cat(outs), torch.cat(lengths)
+    chunks = [generate(model, prompts[i:i + cfg.gen_batch], cfg.max_out, cfg.temperature, gen)
+              for i in common.progress(range(0, cfg.n_requests, cfg.gen_batch), "generate")]
+    outs, lengths = (torch.cat(c) for c in zip(*chunks))
     lf, rf = lengths.float(), ref_len.float()
     common.print0(f"LM: loss {hist['loss'][-1]:.3f} | {common.count_params(model):,} params | sampled length "
                   f"mean {lf.mean():.1f} (sd {lf.std():.1f}) vs data {rf.mean():.1f} (sd {rf.std():.1f})")
@@ -833,11 +826,9 @@ def exp_mg1(cfg):
     jobs = [(case, C) for case in cases for C in cfg.mg1_cs] + [("fcfs", None)]
     metrics, rows = {}, []
     for case, C in common.progress(jobs, "M/G/1"):
-        r, lam = cases.get(case, (x, cfg.mg1_lam_perfect))
-        if case == "fcfs":
-            cf, sim = pollaczek_khinchine(lam, x), float(simulate_mg1(x, x, np.cumsum(gaps) / lam, policy="fcfs").mean())
-        else:
-            cf, sim = closed_form(lam, C, x, r, cfg.mg1_grid), float(simulate_mg1(x, r, np.cumsum(gaps) / lam, C).mean())
+        (r, lam), fcfs = cases.get(case, (x, cfg.mg1_lam_perfect)), case == "fcfs"   # fcfs ignores r and C
+        cf = pollaczek_khinchine(lam, x) if fcfs else closed_form(lam, C, x, r, cfg.mg1_grid)
+        sim = float(simulate_mg1(x, r, np.cumsum(gaps) / lam, 1.0 if fcfs else C, "fcfs" if fcfs else "soap").mean())
         tag = case if C is None else f"{case}_C{C:g}"
         metrics[common.mkey("mg1_rel_err", tag)] = cf / sim - 1
         rows.append([tag, lam, "-" if C is None else C, cf, sim, f"{100 * (cf / sim - 1):+.2f}%"])

@@ -358,12 +358,14 @@ def pool_tensors(boards, device="cpu"):
                        m.promotion or 0, int(b.is_attacked_by(opp, m.from_square)), int(b.is_attacked_by(opp, m.to_square)),
                        flip(m.from_square), flip(m.to_square)] for m, _ in sc])
         rews.append([float(s - top) for _, s in sc])
-    A = max(map(len, rews))
-    feat = torch.zeros(len(boards), A, 7, dtype=torch.long)
-    rew = torch.full((len(boards), A), float("-inf"))
-    for i, (f, r) in enumerate(zip(feats, rews)):
-        feat[i, :len(f)], rew[i, :len(r)] = torch.tensor(f), torch.tensor(r)
-    return {"feat": feat.to(device), "rew": rew.to(device)}
+    pad = lambda rows, v: nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=v)
+    return {"feat": pad(feats, 0).to(device), "rew": pad(rews, float("-inf")).to(device)}
+
+
+def blunder_moves(rew, shared):
+    """(M, A) bool: the moves a blunder picks from, uniformly: every legal move, or the worst ones (shared)."""
+    legal = rew > float("-inf")
+    return rew == rew.masked_fill(~legal, float("inf")).min(1, keepdim=True).values if shared else legal
 
 
 def sample_expert_labels(rew, rhos, shared, B, g):
@@ -372,12 +374,9 @@ def sample_expert_labels(rew, rhos, shared, B, g):
     dev = rew.device
     x = torch.randint(0, rew.shape[0], (B,), generator=g, device=dev)
     r = rew[x]                                                                 # (B, A)
-    legal, best = r > float("-inf"), r == 0
-    worst = r == r.masked_fill(~legal, float("inf")).min(1, keepdim=True).values
     rho = torch.tensor(rhos, device=dev)[torch.randint(0, len(rhos), (B,), generator=g, device=dev)]
     blunder = torch.rand(B, generator=g, device=dev) < rho
-    blunder_set = worst if shared else legal
-    pick = torch.where(blunder[:, None], blunder_set, best).float()           # uniform over the chosen set
+    pick = torch.where(blunder[:, None], blunder_moves(r, shared), r == 0).float()   # uniform over the chosen set
     return x, torch.multinomial(pick, 1, generator=g)[:, 0]
 
 # -----------------------------------------------------------------------------
@@ -432,12 +431,9 @@ def score_moves(model: common.GPT, items, chunk=8):
                 src += [P - 1] + list(range(a, a + len(c) - 1))   # log p(c[t]) is read at the token before it
                 cid += [j] * len(c)
             rows.append((ids, pos, grp, src, cid, len(cands)))
-        B, L = len(rows), max(len(r[0]) for r in rows)
-        idx, pos = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, dtype=torch.long)
-        grp = torch.full((B, L), -1, dtype=torch.long)
-        for b, (ids, ps, gr, *_) in enumerate(rows):
-            idx[b, :len(ids)], pos[b, :len(ids)], grp[b, :len(ids)] = torch.tensor(ids), torch.tensor(ps), torch.tensor(gr)
-        ar = torch.arange(L)
+        pad = lambda j, v: nn.utils.rnn.pad_sequence([torch.tensor(r[j]) for r in rows], batch_first=True, padding_value=v)
+        idx, pos, grp = pad(0, 0), pad(1, 0), pad(2, -1)                                  # (B, L), right-padded
+        L, ar = idx.shape[1], torch.arange(idx.shape[1])
         same = (grp[:, None, :] == 0) | (grp[:, None, :] == grp[:, :, None])              # (B, L, L)
         allowed = (ar[None, :] <= ar[:, None]) & same & (grp[:, :, None] >= 0)
         allowed = allowed | ((grp[:, :, None] < 0) & torch.eye(L, dtype=torch.bool))       # pad rows: self only
@@ -549,13 +545,8 @@ def train_gpt(model, cfg, get_batch, desc="transcript GPT"):
 def expert_rewards(rew, rhos, shared):
     """Closed-form R(f_rho) on positions rew (M, A) (-inf = padding): pi0 gets 0, so R = rho * E_x[mean r of a
     blunder], where a blunder is uniform over the legal moves (independent) or over the worst ones (shared)."""
-    legal = rew > float("-inf")
-    r = rew.masked_fill(~legal, 0.0)
-    if shared:
-        blunder = (rew == rew.masked_fill(~legal, float("inf")).min(1, keepdim=True).values).float()
-    else:
-        blunder = legal.float()
-    per_x = (r * blunder).sum(1) / blunder.sum(1)                              # mean reward of a blunder, (M,)
+    blunder = blunder_moves(rew, shared).float()
+    per_x = (rew.masked_fill(rew == float("-inf"), 0.0) * blunder).sum(1) / blunder.sum(1)   # mean r of a blunder
     return [rho * float(per_x.mean()) for rho in rhos]
 
 
@@ -771,9 +762,8 @@ def exp_transcripts(cfg, train_lines, test_lines):
     boards, hists = [b for b, _ in pos], [h for _, h in pos]
     rew = pool_tensors(boards)["rew"]
     items = [(prefix_for(h), [b.san(mv) + " " for mv in b.legal_moves]) for b, h in pos]
-    logp = torch.full_like(rew, float("-inf"))
-    for i, lp in enumerate(score_moves(model, items, cfg.score_chunk)):
-        logp[i, :len(lp)] = lp
+    logp = nn.utils.rnn.pad_sequence(score_moves(model, items, cfg.score_chunk), batch_first=True,
+                                     padding_value=float("-inf"))                     # (M, A) like rew
     shared = cfg.diversity == "shared"
     m.update({common.mkey("chess_reward", "expert", f"rho{rho:g}"): e
               for rho, e in zip(cfg.rhos, expert_rewards(rew, cfg.rhos, shared))})
@@ -781,25 +771,23 @@ def exp_transcripts(cfg, train_lines, test_lines):
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 22)
     for t in common.progress(cfg.taus, "legal-move rate"):
         m[common.mkey("chess_reward", "model", f"tau{t:g}")] = policy_reward(logp, rew, t)
-        first = char_moves(model, boards, hists, t, gen, tries=1)[0]
-        five = char_moves(model, boards, hists, t, gen, tries=5)[0]
-        m[common.mkey("legal_rate", "first_try", f"tau{t:g}")] = sum(x is not None for x in first) / len(pos)
-        m[common.mkey("legal_rate", "five_tries", f"tau{t:g}")] = sum(x is not None for x in five) / len(pos)
+        for name, tries in (("first_try", 1), ("five_tries", 5)):
+            moves = char_moves(model, boards, hists, t, gen, tries=tries)[0]
+            m[common.mkey("legal_rate", name, f"tau{t:g}")] = sum(x is not None for x in moves) / len(pos)
     return m, model, hist
 
 
 def exp_games(cfg, model) -> tuple[dict, dict]:
     """Rated games (the paper's Fig. 1): every expert and the model at each tau and mode play each rung;
     Glicko-2 from the prior (1500, 500, 0.06), one game per period, in a fixed shuffled order."""
-    m, info, shared = {}, {}, cfg.diversity == "shared"
+    m, shared = {}, cfg.diversity == "shared"
     with open_engines(cfg.stockfish, cfg.engines) as engines:
         rungs = [Rung(e, engines, cfg.seed + 30 + k) for k, e in enumerate(cfg.sf_eps)]
         ladder = [(cfg.anchor_rating, 0.0)]                      # the anchor rung's rating is fixed
         for k in range(1, len(rungs)):                           # each next rung is rated against the one before
             res = play_games(rungs[k], [rungs[k - 1]], cfg.calib_games, cfg.max_plies, f"calibrate rung {k}")
             ladder.append(rate_sequential([(*ladder[k - 1], s) for _, s in res]))
-        for (r, rd), e in zip(ladder, cfg.sf_eps):
-            m[common.mkey("rating", "rung", f"eps{e:g}")] = r
+        m.update({common.mkey("rating", "rung", f"eps{e:g}"): r for (r, _), e in zip(ladder, cfg.sf_eps)})
 
         def rate(player, n, key):
             res = [(*ladder[k], s) for k, s in play_games(player, rungs, n, cfg.max_plies, key)]
@@ -809,19 +797,16 @@ def exp_games(cfg, model) -> tuple[dict, dict]:
 
         for i, rho in enumerate(cfg.rhos):
             rate(ExpertPlayer(rho, shared, cfg.seed + 40 + i), cfg.expert_games, f"expert/rho{rho:g}")
+        m["rating/best_expert"] = max(m[common.mkey("rating", f"expert/rho{rho:g}")] for rho in cfg.rhos)
         for mode in cfg.game_modes:
             for t in cfg.game_taus:
-                p = ModelPlayer(model, t, mode, cfg.seed + 50, cfg.score_chunk)
-                rate(p, cfg.games, f"model_{mode}/tau{t:g}")
+                p, key = ModelPlayer(model, t, mode, cfg.seed + 50, cfg.score_chunk), f"model_{mode}/tau{t:g}"
+                rate(p, cfg.games, key)
+                m[common.mkey("rating_gain", key)] = m[common.mkey("rating", key)] - m["rating/best_expert"]
                 if mode == "char":
-                    m[common.mkey("illegal_try_rate", f"model_char/tau{t:g}")] = p.illegal / max(1, p.tries)
-        info["engine"] = engine_name(cfg.stockfish) if engines else "none (built-in rungs: pi0 instead of Stockfish)"
-        info["engine_seeding"] = ENGINE_NOTE if engines else "built-in rungs are seeded"
-    best = max(m[common.mkey("rating", f"expert/rho{rho:g}")] for rho in cfg.rhos)
-    m["rating/best_expert"] = best
-    for mode in cfg.game_modes:
-        for t in cfg.game_taus:
-            m[common.mkey("rating_gain", f"model_{mode}/tau{t:g}")] = m[common.mkey("rating", f"model_{mode}/tau{t:g}")] - best
+                    m[common.mkey("illegal_try_rate", key)] = p.illegal / max(1, p.tries)
+        info = {"engine": engine_name(cfg.stockfish) if engines else "none (built-in rungs: pi0 instead of Stockfish)",
+                "engine_seeding": ENGINE_NOTE if engines else "built-in rungs are seeded"}
     return m, info
 
 # -----------------------------------------------------------------------------
@@ -859,48 +844,41 @@ def run_seed(cfg):
 def run(cfg):
     t0 = time.time()
     runs = common.over_seeds(cfg, run_seed, NAME)
-    c, tl = runs.cell, f"tau{min(cfg.taus):g}"
-    rows = []
-    if "toy3/reward/tau0.1" in runs.mean:
-        s = f"sigma{cfg.toy_sigma:g}"
-        rows += [["linear toy (Fig. 7), accuracy", f"sigma={cfg.toy_sigma:g}", c(f"toy_acc/{s}/best_expert"),
-                  c(f"toy_acc/{s}/tau1"), c(f"toy_acc/{s}/{tl}")],
-                 ["  identical experts (ablation)", f"corr={cfg.toy_corr:g}", c(f"toy_acc/{s}_corr{cfg.toy_corr:g}/best_expert"),
-                  c(f"toy_acc/{s}_corr{cfg.toy_corr:g}/tau1"), c(f"toy_acc/{s}_corr{cfg.toy_corr:g}/{tl}")]]
-    for tag in ("independent", "shared"):
-        if f"pool_reward/{tag}/best_expert" in runs.mean:
-            rows.append([f"position pool, held-out reward", f"{tag} blunders", c(f"pool_reward/{tag}/best_expert"),
-                         c(f"pool_reward/{tag}/tau1"), c(f"pool_reward/{tag}/{tl}")])
-    if "gpt/loss" in runs.mean and "chess_reward/random" in runs.mean:
-        rows.append(["transcript GPT, held-out reward", f"loss {c('gpt/loss')}", c(f"chess_reward/expert/rho{min(cfg.rhos):g}"),
-                     c("chess_reward/model/tau1"), c(f"chess_reward/model/{tl}")])
-        rows.append(["  legal move, 1st try (char)", f"random {c('chess_reward/random')}", "-",
-                     c("legal_rate/first_try/tau1"), c(f"legal_rate/first_try/{tl}")])
-    common.print_table(rows, ["experiment", "setting", "best expert", "model tau=1", f"model tau={min(cfg.taus):g}"],
+    c, tl, extra = runs.cell, f"tau{min(cfg.taus):g}", runs.extras[0]
+    toy, corr = f"toy_acc/sigma{cfg.toy_sigma:g}", f"toy_acc/sigma{cfg.toy_sigma:g}_corr{cfg.toy_corr:g}"
+    rows = [("toy3/reward/tau0.1", "linear toy (Fig. 7), accuracy", f"sigma={cfg.toy_sigma:g}", toy, toy + "/best_expert"),
+            ("toy3/reward/tau0.1", "  identical experts (ablation)", f"corr={cfg.toy_corr:g}", corr, corr + "/best_expert"),
+            *[(f"pool_reward/{t}/best_expert", "position pool, held-out reward", f"{t} blunders", f"pool_reward/{t}",
+               f"pool_reward/{t}/best_expert") for t in ("independent", "shared")],
+            ("chess_reward/random", "transcript GPT, held-out reward", f"loss {c('gpt/loss')}", "chess_reward/model",
+             f"chess_reward/expert/rho{min(cfg.rhos):g}"),
+            ("chess_reward/random", "  legal move, 1st try (char)", f"random {c('chess_reward/random')}",
+             "legal_rate/first_try", None)]                            # (shown if, label, setting, prefix, best)
+    common.print_table([[lab, setting, c(best), c(f"{pre}/tau1"), c(f"{pre}/{tl}")]
+                        for key, lab, setting, pre, best in rows if key in runs.mean],
+                       ["experiment", "setting", "best expert", "model tau=1", f"model tau={min(cfg.taus):g}"],
                        title=f"Transcendence: model vs best expert ({len(runs.seeds)} seed(s); higher is better)")
     if "rating/best_expert" in runs.mean:
-        rows = [[f"expert rho={r:g}", c(f"rating/expert/rho{r:g}"), c(f"rating_rd/expert/rho{r:g}"),
-                 c(f"score/expert/rho{r:g}"), "", ""] for r in cfg.rhos]
-        rows += [[f"model {md} tau={t:g}", c(f"rating/model_{md}/tau{t:g}"), c(f"rating_rd/model_{md}/tau{t:g}"),
-                  c(f"score/model_{md}/tau{t:g}"), c(f"rating_gain/model_{md}/tau{t:g}"),
-                  f"{PAPER_GAIN[t]:+d}" if t in PAPER_GAIN and md == "char" else ""]
-                 for md in cfg.game_modes for t in cfg.game_taus]
-        common.print_table(rows, ["player", "Glicko-2 R", "RD (R +- 2RD)", "mean score", "R - best expert",
-                                  "paper: CF-1000 - data cap"],
+        rows = [(f"expert rho={r:g}", f"expert/rho{r:g}", "") for r in cfg.rhos]
+        rows += [(f"model {md} tau={t:g}", f"model_{md}/tau{t:g}", f"{PAPER_GAIN[t]:+d}" if t in PAPER_GAIN and md == "char"
+                  else "") for md in cfg.game_modes for t in cfg.game_taus]
+        common.print_table([[lab, c(f"rating/{k}"), c(f"rating_rd/{k}"), c(f"score/{k}"),
+                             c(f"rating_gain/{k}") if k.startswith("model") else "", paper] for lab, k, paper in rows],
+                           ["player", "Glicko-2 R", "RD (R +- 2RD)", "mean score", "R - best expert",
+                            "paper: CF-1000 - data cap"],
                            title=f"Rated games vs rungs eps={','.join(f'{e:g}' for e in cfg.sf_eps)} (anchor eps="
                                  f"{cfg.sf_eps[0]:g} := {cfg.anchor_rating:g}); data: diversity={cfg.diversity}")
-        common.print0(f"opponent engine: {runs.extras[0]['info'].get('engine')}. {runs.extras[0]['info'].get('engine_seeding')}.")
-    info = {"diversity": cfg.diversity, **(runs.extras[0]["info"] if runs.extras[0] else {}),
+        common.print0(f"opponent engine: {extra['info'].get('engine')}. {extra['info'].get('engine_seeding')}.")
+    info = {"diversity": cfg.diversity, **extra["info"],
             "paper_gain_cf1000_minus_cap": {f"tau{t:g}": v for t, v in PAPER_GAIN.items()}}
-    curves = runs.extras[0]["curves"] if runs.extras[0] else {}
-    common.save_results(NAME, cfg, runs, info=info, history={k: list(v) for k, v in curves.items()},
+    common.save_results(NAME, cfg, runs, info=info, history={k: list(v) for k, v in extra["curves"].items()},
                         wall_time_s=time.time() - t0)
     if "pool_reward/independent/best_expert" in runs.mean:
-        gain = lambda tag: [runs.mean[f"pool_reward/{tag}/tau{t:g}"] - runs.mean[f"pool_reward/{tag}/best_expert"]
-                            for t in cfg.taus]
-        common.plot(NAME, {f"{tag} blunders": (list(cfg.taus), gain(tag)) for tag in ("independent", "shared")},
-                    out_dir=cfg.out, xlabel="temperature tau", logx=True,
-            ylabel="model reward - best expert", title="Position pool (held out): transcendence at low tau", hline=0.0)
+        mean = runs.mean
+        gain = {f"{g} blunders": (list(cfg.taus), [mean[f"pool_reward/{g}/tau{t:g}"] - mean[f"pool_reward/{g}/best_expert"]
+                                                   for t in cfg.taus]) for g in ("independent", "shared")}
+        common.plot(NAME, gain, out_dir=cfg.out, xlabel="temperature tau", ylabel="model reward - best expert", logx=True,
+                    title="Position pool (held out): transcendence at low tau", hline=0.0)
     common.print0(f"wall time {time.time() - t0:.1f} s")
     return runs
 

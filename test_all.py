@@ -407,13 +407,6 @@ def test_script_torchrun_two_processes_match_one(script, tmp_path):
 # ======================================================================
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# ======================================================================
-# copying.py
-# ======================================================================
-
-
 def _copying_cfg(**kw):
     base = dict(t_dim=32, t_heads=4, t_windows=(1, 2, 0, 0), nope_dim=32, nope_layers=2, lstm_dim=16, mamba_dim=16,
                 mamba_layers=2, mamba_state=4, device="cpu")
@@ -797,14 +790,6 @@ def test_copying_smoke_every_model_beats_its_untrained_copy(tmp_path):
 # icl_markov.py
 # ======================================================================
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# ======================================================================
-# icl_markov.py
-# ======================================================================
-
 def _icl_markov_cfg(tmp_path, **kw):
     return common.config_from_preset(icl_markov.Config, icl_markov.PRESETS, "smoke", device="cpu",
                                      out=str(tmp_path), **kw)
@@ -1135,13 +1120,6 @@ def test_icl_markov_pieces_copy_out():
 # ======================================================================
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# ======================================================================
-# moe.py
-# ======================================================================
-
-
 def test_moe_smoke(tmp_path):
     blob = smoke(moe, tmp_path)
     m = blob["metrics"]
@@ -1447,14 +1425,6 @@ def test_moe_bad_config():
                dict(pb_moe_width=48), dict(top_k=0), dict(graph_heads=0), dict(graph_nodes=5, graph_edges=4)):
         with pytest.raises(ValueError):
             moe.Config(**kw)
-
-
-# ======================================================================
-# linear_ntp.py
-# ======================================================================
-
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ======================================================================
@@ -1787,14 +1757,6 @@ def test_linear_ntp_bad_config_is_refused_before_work():
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "--steps" in r.stderr
     assert "Traceback" not in r.stderr
 
-
-# ======================================================================
-# turing_programs.py
-# ======================================================================
-
-
-# Part of test_all.py while turing_programs.py is being rewritten (the lead merges it back).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ======================================================================
 # turing_programs.py
@@ -2164,15 +2126,6 @@ def test_turing_programs_metrics_are_measured_at_their_lengths(monkeypatch):
 # shampoo.py
 # ======================================================================
 
-
-# Part of test_all.py while shampoo.py is being rewritten (the lead merges it back).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# ======================================================================
-# shampoo.py
-# ======================================================================
-
 def _shampoo_rand_grads(k, m, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(k, m, n, generator=g, dtype=torch.float64), torch.rand(k, generator=g, dtype=torch.float64)
@@ -2490,14 +2443,6 @@ def test_shampoo_bad_config():
                 dict(optimizers=("lion",)), dict(hidden=256), dict(checkpoints=(0,))):
         with pytest.raises(ValueError):
             shampoo.Config(**bad)
-
-
-# ======================================================================
-# trail.py
-# ======================================================================
-
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ======================================================================
@@ -2983,14 +2928,6 @@ def test_trail_mg1_experiment_uses_pollaczek_khinchine_on_its_own_sample():
 # lora_cat.py
 # ======================================================================
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# ======================================================================
-# lora_cat.py
-# ======================================================================
-
 def _lora_cat_gpt(seed=0, n_layer=2):
     torch.manual_seed(seed)
     cfg = common.GPTConfig(vocab_size=len(lora_cat.VOCAB), block_size=14, n_layer=n_layer, n_head=2, n_embd=16)
@@ -3328,15 +3265,6 @@ def test_lora_cat_bad_config():
                dict(density=1.5), dict(cat_frac=0.0)):
         with pytest.raises(ValueError):
             lora_cat.Config(**kw)
-
-
-# ======================================================================
-# ardt.py
-# ======================================================================
-
-
-# Part of test_all.py while ardt.py is being rewritten (the lead merges it back).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ======================================================================
@@ -3785,14 +3713,6 @@ def test_ardt_bad_config(tmp_path):
         with pytest.raises(ValueError):
             ardt.Config(**kw)
 
-
-# ======================================================================
-# transcendence.py
-# ======================================================================
-
-
-# Part of test_all.py while transcendence.py is being rewritten (the lead merges it back).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ======================================================================
 # transcendence.py

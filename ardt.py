@@ -32,12 +32,12 @@ import re
 import time
 from dataclasses import dataclass
 
+import common  # first: it reports a missing package in one line
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 NAME = "ardt"
 FEATS = ("avg", "onehot")

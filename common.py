@@ -32,6 +32,14 @@ import tempfile
 import time
 import typing
 from dataclasses import asdict, dataclass
+from importlib.util import find_spec
+
+# A script imports this module before torch, so a missing package is one line, not an ImportError traceback.
+_MISSING = [name for name in ("torch", "numpy", "tqdm") if find_spec(name) is None]  # matplotlib is optional
+if _MISSING:
+    print(f"error: missing package(s) {', '.join(_MISSING)}: install torch (pip install torch), then "
+          f"pip install -r requirements.txt", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 import torch
 import torch.nn as nn

@@ -32,11 +32,11 @@ import math
 import time
 from dataclasses import dataclass
 
+import common  # first: it reports a missing package in one line
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 NAME = "copying"
 TRANSFORMERS = ("nope", "learned", "alibi", "hard_alibi", "rope")
@@ -714,7 +714,7 @@ def mean_curve(per_seed):
     """Mean (and std) over seeds of probe curves [(examples, acc)], up to the longest one: a seed that
     stopped (it reached stop_acc) keeps its last probe value, since its weights no longer change."""
     n = max(len(c) for c in per_seed)
-    xs = [common.mean_std([c[i][0] for c in per_seed if i < len(c)])[0] for i in range(n)]
+    xs = [x for x, _ in max(per_seed, key=len)]                        # probes fall at the same examples
     stats = [common.mean_std([c[min(i, len(c) - 1)][1] for c in per_seed]) for i in range(n)]
     return xs, [s[0] for s in stats], [s[1] for s in stats] if len(per_seed) > 1 else None
 

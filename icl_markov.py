@@ -33,11 +33,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import common  # first: it reports a missing package in one line
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 NAME = "icl_markov"
 PRIORS = ("dirichlet", "doubly", "unigram", "mix")

@@ -31,11 +31,11 @@ import math
 import time
 from dataclasses import dataclass
 
+import common  # first: it reports a missing package in one line
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 NAME = "moe"
 

@@ -30,12 +30,12 @@ import math
 import time
 from dataclasses import dataclass
 
+import common  # first: it reports a missing package in one line
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vmap
-
-import common
 
 NAME = "shampoo"
 OPTIMIZERS = ("sgd", "adamw", "shampoo", "shampoo2")

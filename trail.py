@@ -28,12 +28,12 @@ import math
 import time
 from dataclasses import dataclass
 
+import common  # first: it reports a missing package in one line
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 NAME = "trail"
 PAD, BOS, SEP, EOS, WALK, COUNT, LIST, NUM0 = 0, 1, 2, 3, 4, 5, 6, 7

@@ -39,13 +39,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import common  # first: it reports a missing package in one line
+
 import chess
 import chess.engine
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 NAME = "transcendence"
 

@@ -32,10 +32,10 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import common  # first: it reports a missing package in one line
+
 import torch
 import torch.nn as nn
-
-import common
 
 NAME = "turing_programs"
 

@@ -305,14 +305,20 @@ def session(cfg, data_parallel: bool = True):
     cfg.device = str(setup_ddp(torch.device(cfg.device)))
     set_threads(cfg.threads, cfg.device)
     _SAVED.clear()
+    finished = False
     try:
         yield cfg
+        if world > 1:   # ranks done early wait for rank 0's evaluation, so all tear the group down together
+            import torch.distributed as dist
+            dist.barrier()
+        finished = True
     except KeyboardInterrupt:
         kept = f"results of the finished stages are in {_SAVED[-1]}" if _SAVED else "nothing had finished, nothing saved"
         print("", file=sys.stderr)
         die(f"interrupted: {kept}", code=130)
     finally:
-        cleanup_ddp()
+        if finished:    # a failed rank only exits: a collective teardown could hang on its peers
+            cleanup_ddp()
 
 # -----------------------------------------------------------------------------
 # Distributed data parallel (torchrun): each rank takes its rows of the global batch

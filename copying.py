@@ -6,8 +6,8 @@ Official code: github.com/sjelassi/transformers_ssm_copy (synthetic_exps/)
 Finding: a transformer learns to copy random strings from far fewer examples than a fixed-state model
 (LSTM, Mamba), and with Hard-ALiBi it copies strings longer than any it saw; a fixed state cannot hold
 an arbitrary string (Thm 2.7), an n-gram lookup can (Thm 2.3).
-Measured (quick, one CPU thread; 498 s a seed, 1553 s for seeds 0-2): examples to 90% exact match at L20: Hard-ALiBi
-26.7k +- 6.7k, NoPE 114.7k +- 8.1k, LSTM and Mamba not within 51.2k (0/3 seeds); at L40 Hard-ALiBi 0.53, others 0.
+Measured (quick, one CPU thread, 1553 s for seeds 0-2): examples to 90% exact at L20: Hard-ALiBi 26.7k +- 6.7k,
+NoPE 114.7k +- 8.1k, LSTM/Mamba not in 51.2k (Mamba 209k +- 16k with --steps 12800); at L40 Hard-ALiBi 0.53, others 0.
 
     python copying.py --preset smoke                 # seconds (what pytest runs)
     python copying.py                                # quick on CPU, full on CUDA

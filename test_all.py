@@ -1851,6 +1851,35 @@ def test_turing_programs_multiplication_answers():
         assert int(tp.parse_answer(s.tok[i].tolist())) == _value(a[i]) * _value(b[i])
 
 
+@pytest.mark.parametrize("lsb", [True, False])
+def test_turing_programs_mul1_head_walks_from_the_units(lsb):
+    gen = torch.Generator().manual_seed(3)
+    n = 6
+    a, d = _digits(gen, 40, n), _digits(gen, 40, 1)
+    s = tp.mul1(a, d, lsb=lsb)
+    for i in range(40):
+        written = [str(int(x)) for x in (a[i].flip(0) if lsb else a[i])] + ["*", str(int(d[i, 0]))]
+        lines = _lines(s.tok[i].tolist())
+        assert lines[0] == written and len(lines) == n + 2
+        for k, line in enumerate(lines[1:]):
+            ops = line[line.index("=") + 1:]
+            marks = [j for j, t in enumerate(ops) if t in "abcdefghij"]
+            assert marks == ([k if lsb else n - 1 - k] if k < n else [])  # step k reads the k-th digit from the units
+            assert [str("abcdefghij".index(t)) if t in "abcdefghij" else t for t in ops] == written
+        assert int(tp.parse_answer(s.tok[i].tolist())) == _value(a[i]) * int(d[i, 0])
+
+
+@pytest.mark.parametrize("name", ["add", "mul1"])
+def test_turing_programs_task_writes_operands_in_the_chosen_order(name):
+    for lsb in (True, False):
+        task = tp.Task(name, lsb=lsb)
+        s = task.sample(task.lengths(20, 4, 4, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
+        for i in range(20):
+            first = _lines(s.tok[i].tolist())[1]
+            marks = [j for j, t in enumerate(first[first.index("=") + 1:]) if t in "abcdefghij"]
+            assert marks[0] == (0 if lsb else 3)                   # the first step reads the units digit
+
+
 def test_turing_programs_tm_binary_increment():
     # LSB-first binary increment; symbols: 0 blank, 1 = bit 0, 2 = bit 1. State 0: carry, 1: done.
     tm = tp.TM([[(1, 2, 1), (1, 2, 1), (0, 1, 1)],

@@ -18,7 +18,7 @@ NoPE 0.98 ± 0.03, answer-only 0.16; exact at n = 8: 0.05 vs 0, at 10: 0; per-to
     torchrun --standalone --nproc_per_node=2 turing_programs.py --preset smoke --device cpu
 
 Glossary (ours -> paper): tp = Turing Program, steps joined by "|" (<|SEP|>); a..j = the digit under a
-head (operands written units first); N / C = carry 0 / 1; context steps = a token sees its own and the
+head (operands units first; mulm: msb); N / C = carry 0 / 1; context steps = a token sees its own and the
 previous step (ours), context tokens = the last W tokens (the paper's test window, 500); plain = a
 scratchpad without copying; none = answer only; n = digits per operand (drawn independently in training).
 
@@ -66,7 +66,7 @@ class Config(common.BaseConfig):
     train_max: int = 5            # longest n in training (each operand's length drawn independently)
     eval_lens: tuple[int, ...] = (5, 8, 10)  # test lengths n (both operands n digits): train max, 1.5x, 2x
     mul_m: int = 3                # digits of the second factor for mulm (paper: 3)
-    digits: str = "lsb"           # add: operand digit order as written, lsb (least significant first: the
+    digits: str = "lsb"           # add, mul1: operand digit order as written, lsb (least significant first:
                                   # heads move right, placing one is a lag-one copy) | msb (heads move left)
     n_layer: int = 4              # transformer blocks
     n_head: int = 4               # heads per block
@@ -251,11 +251,11 @@ def addition(a, b, fmt="tp", la=None, lb=None, lsb=True) -> Seqs:
     return _assemble(pieces, B)
 
 
-def mul1(a, d) -> Seqs:
-    """n x 1 multiplication; a: (B, n) digits, d: (B, 1). State = '#' + carry digit 0..8; same layout
-    as addition's:
-        <bos> 4 7 2 9 * 8 | # 0 = 4 7 2 j * 8 | # 7 2 = 4 7 c 9 * 8 | # 2 3 2 = 4 h 2 9 * 8 |
-        # 5 8 3 2 = e 7 2 9 * 8 | 3 7 8 3 2 = 4 7 2 9 * 8 <eos>
+def mul1(a, d, lsb=True) -> Seqs:
+    """n x 1 multiplication; a: (B, n) digits (most significant first), d: (B, 1). State = '#' + carry
+    digit 0..8; same layout as addition's, a written units first when lsb (the head moves right):
+        <bos> 9 2 7 4 * 8 | # 0 = j 2 7 4 * 8 | # 7 2 = 9 c 7 4 * 8 | # 2 3 2 = 9 2 h 4 * 8 |
+        # 5 8 3 2 = 9 2 7 e * 8 | 3 7 8 3 2 = 9 2 7 4 * 8 <eos>           4729 x 8 = 37832
     """
     B, n = a.shape
     carry, carries, prod = torch.zeros(B, dtype=torch.long), [], a.new_zeros(B, n + 1)
@@ -264,7 +264,8 @@ def mul1(a, d) -> Seqs:
         t = a[:, n - 1 - k] * d[:, 0] + carry
         prod[:, n - k], carry = t % 10, t // 10
     prod[:, 0] = carry
-    pieces = [(BOS, PROMPT), (D0 + a, PROMPT), (TIMES, PROMPT), (D0 + d, PROMPT), (SEP, PROMPT)]
+    wa = a.flip(1) if lsb else a                           # a as written
+    pieces = [(BOS, PROMPT), (D0 + wa, PROMPT), (TIMES, PROMPT), (D0 + d, PROMPT), (SEP, PROMPT)]
     for k in range(n + 1):
         if k < n:
             pieces += [(HASH, COPY), ((D0 + carries[k])[:, None], STATE)]
@@ -272,7 +273,7 @@ def mul1(a, d) -> Seqs:
             pieces.append(((D0 + prod[:, 0])[:, None], STATE))
         if k:
             pieces += [(D0 + prod[:, n + 1 - k:n + 2 - k], DIGIT), (D0 + prod[:, n + 2 - k:], COPY)]
-        ta, ca = _marked(a, n - 1 - k)
+        ta, ca = _marked(wa, k if lsb else n - 1 - k)
         pieces += [(EQ, COPY), (ta, ca), (TIMES, COPY), (D0 + d, COPY), (EOS if k == n else SEP, COPY)]
     return _assemble(pieces, B)
 
@@ -408,7 +409,7 @@ class Task:
         for n in lens[:, 0].unique().tolist():             # one group per length
             count = int((lens[:, 0] == n).sum())
             if self.name == "mul1":
-                out.append(mul1(dig(count, n), dig(count, 1)))
+                out.append(mul1(dig(count, n), dig(count, 1), self.lsb))
             elif self.name == "mulm":
                 out.append(mulm(dig(count, n), dig(count, self.mul_m)))
             else:

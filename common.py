@@ -4,7 +4,7 @@ writes its own, in the open (nanoGPT's train.py is the model).
 
     CLI        BaseConfig, parse_args(Config, PRESETS), config_from_preset, die
     runtime    session(cfg) (threads, torchrun, one-line Ctrl-C), get_device, autocast, set_seed
-    DDP        setup_ddp / cleanup_ddp, wrap_ddp, shard, token_mean, global_mean, broadcast_flag,
+    DDP        setup_ddp, wrap_ddp, shard, token_mean, global_mean, broadcast_flag,
                print0, is_main
     training   configure_adamw, lr_at, cross_entropy_sum, masked_cross_entropy, progress, step_log
     text       Tokenizer (char- or word-level)
@@ -305,20 +305,21 @@ def session(cfg, data_parallel: bool = True):
     cfg.device = str(setup_ddp(torch.device(cfg.device)))
     set_threads(cfg.threads, cfg.device)
     _SAVED.clear()
-    finished = False
     try:
         yield cfg
-        if world > 1:   # ranks done early wait for rank 0's evaluation, so all tear the group down together
-            import torch.distributed as dist
-            dist.barrier()
-        finished = True
     except KeyboardInterrupt:
         kept = f"results of the finished stages are in {_SAVED[-1]}" if _SAVED else "nothing had finished, nothing saved"
         print("", file=sys.stderr)
         die(f"interrupted: {kept}", code=130)
-    finally:
-        if finished:    # a failed rank only exits: a collective teardown could hang on its peers
-            cleanup_ddp()
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # ranks done early wait here for rank 0's evaluation and files
+        # Every collective is done, so a rank leaves now, skipping the group's and the interpreter's teardown:
+        # there gloo's C++ threads can abort a finished process ("terminate called without an active
+        # exception", seen in CI after destroy_process_group). A rank that failed just raises.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 # -----------------------------------------------------------------------------
 # Distributed data parallel (torchrun): each rank takes its rows of the global batch
@@ -352,12 +353,6 @@ def setup_ddp(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
-
-
-def cleanup_ddp():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def wrap_ddp(model: nn.Module, device) -> nn.Module:
@@ -790,8 +785,9 @@ def sample_logits(logits, temperature=1.0, greedy=False, generator=None):
     if greedy or temperature <= 0:
         return logits.argmax(-1)
     probs = F.softmax(logits / temperature, -1)
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+    # sample where the generator lives (compare types: a generator made on "cuda" reports cuda, probs cuda:0)
+    if generator is not None and generator.device.type != probs.device.type:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 # -----------------------------------------------------------------------------

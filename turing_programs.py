@@ -7,8 +7,8 @@ common.GPT(pos="hard_alibi"): heads 1..H/2 see only their last 1..H/2 tokens, th
 Finding: write the chain of thought as a Turing machine's run, one tape per line (a copy of the last
 line with a few local edits), and a small transformer learns the algorithm exactly; the paper adds
 100-digit numbers at 98% exact match after training on <= 50 digits (Hard-ALiBi).
-Measured (quick, 3 seeds, 499 s/seed, 1 CPU thread): addition, train n 1..5, exact in dist Hard-ALiBi 0.98 ± 0.01,
-NoPE 0.98 ± 0.03, answer-only 0.16; exact at n = 8: 0.05 vs 0, at 10: 0; per-token at 10: 0.76 ± 0.17 vs 0.23.
+Measured, addition, 3 seeds: quick (train n 1..5, 499 s/seed on 1 CPU thread) exact in dist 0.98 (NoPE 0.98),
+at n=10 0 (per-token 0.76 vs 0.23); full (train 1..20, H200) exact at n=40 0.94 ± 0.03, NoPE 0, answer-only 0.
 
     python turing_programs.py --preset smoke        # seconds (what pytest runs)
     python turing_programs.py                       # quick on CPU (full on CUDA)
@@ -139,8 +139,8 @@ PRESETS = {
     "smoke": dict(train_max=3, eval_lens=(3, 5), n_layer=2, n_embd=32, block=64, batch_size=16, steps=60,
                   warmup=10, lr=1e-2, eval_samples=20, eval_every=30, runs=("tp:hard_alibi", "tp:nope")),
     "quick": dict(),
-    # full: unmeasured (no GPU this session). Sized for <= 10 min on one H100: 3 runs x 4000 steps of
-    # 16k tokens at an estimated ~40 ms/step (CPU data generation ~23 ms/step measured, 4.7M params).
+    # full (4.7M params, 4000 steps of 16k tokens a run): seeds 0-2 measured on an H200, one run a process with
+    # 5-10 jobs sharing it, ~215 s a run; the 3 runs in one process were not timed alone (see README).
     "full": dict(runs=("tp:hard_alibi", "tp:nope", "none:hard_alibi"), train_max=20, eval_lens=(20, 30, 40),
                  n_layer=6, n_head=8, n_embd=256, block=256, batch_size=64, steps=4000, lr=1e-3, warmup=200,
                  eval_every=1000),

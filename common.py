@@ -293,7 +293,8 @@ def session(cfg, data_parallel: bool = True):
         with common.session(cfg):
             run(cfg)
 
-    Under torchrun, cfg.device becomes this rank's device. data_parallel=False: the script trains no
+    Under torchrun, cfg.device becomes this rank's device, and the rank's process ends with the block (all
+    ranks meet at a barrier, then os._exit(0)). data_parallel=False: the script trains no
     network data-parallel, so torchrun is refused in one line. A global batch must split evenly.
     """
     world = ddp_info()[2]
